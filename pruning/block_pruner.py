@@ -1,0 +1,162 @@
+"""Prune one decoder block: gather input statistics with hooks, solve each linear layer, write it back.
+
+Layers that read the same input tensor (q/k/v, gate/up) are found on the first batch and share one
+accumulator, so a Hessian is computed once per input, not once per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning.config import Pattern, PruneRequest
+from pruning.masks import achieved_sparsity
+from pruning.solvers import layer_error, solve
+from pruning.stats import HessianAccumulator, InputNormAccumulator
+from pruning.streaming import Batch, run_block
+
+Accumulator = HessianAccumulator | InputNormAccumulator
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    target: float
+    sparsity: float
+    error: float | None  # relative ||WX - W'X||^2 / ||WX||^2 where a Hessian was collected
+    seconds: float
+
+
+class InputStats:
+    """Forward hooks accumulating per-input statistics for a set of linear layers."""
+
+    def __init__(self, layers: dict[str, nn.Linear], kind: str, device: torch.device) -> None:
+        self.layers = layers
+        self.kind = kind  # "hessian" or "norms"
+        self.device = device
+        self.groups: list[list[str]] | None = None  # layers sharing one input, in execution order
+        self.accumulators: dict[str, Accumulator] = {}  # keyed by each group's first layer
+        self._seen: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> InputStats:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _new(self, columns: int) -> Accumulator:
+        cls = HessianAccumulator if self.kind == "hessian" else InputNormAccumulator
+        return cls(columns, self.device)
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self.groups is None:
+                self._seen[name] = args[0]
+            elif name in self.accumulators:
+                self.accumulators[name].add(args[0])
+
+        return hook
+
+    def after_batch(self) -> None:
+        """Close the first batch: group layers by the input object they received, then accumulate it."""
+        if self.groups is not None:
+            return
+        by_input: dict[int, list[str]] = {}
+        for name, x in self._seen.items():
+            by_input.setdefault(id(x), []).append(name)
+        self.groups = list(by_input.values())
+        for group in self.groups:
+            leader = group[0]
+            self.accumulators[leader] = self._new(self.layers[leader].in_features)
+            self.accumulators[leader].add(self._seen[leader])
+        self._seen.clear()
+
+    def of(self, name: str) -> Accumulator:
+        assert self.groups is not None
+        leader = next(group[0] for group in self.groups if name in group)
+        return self.accumulators[leader]
+
+
+def _solve_layers(
+    layers: dict[str, nn.Linear], stats: InputStats | None, targets: dict[str, float], request: PruneRequest
+) -> list[LayerResult]:
+    pattern: Pattern = request.parsed_pattern
+    results = []
+    for name, layer in layers.items():
+        start = time.perf_counter()
+        weight = layer.weight.data
+        acc = stats.of(name) if stats is not None else None
+        hessian = acc.hessian if isinstance(acc, HessianAccumulator) else None
+        sq_norm = acc.sq_norm if isinstance(acc, InputNormAccumulator) else None
+        pruned = solve(
+            request.method,
+            weight,
+            sparsity=targets[name],
+            pattern=pattern,
+            hessian=hessian,
+            input_sq_norm=sq_norm,
+            block_size=request.sparsegpt.block_size,
+            damp=request.sparsegpt.damp,
+        )
+        error = layer_error(weight, pruned, hessian) if hessian is not None else None
+        weight.copy_(pruned)
+        results.append(
+            LayerResult(name, tuple(weight.shape), targets[name], achieved_sparsity(weight), error,
+                        time.perf_counter() - start)
+        )
+    return results
+
+
+@torch.inference_mode()
+def collect(block: nn.Module, layers: dict[str, nn.Linear], kind: str, batches: list[Batch],
+            device: torch.device, outputs: list[torch.Tensor] | None = None) -> InputStats:
+    """One forward pass over the calibration batches with statistics hooks on `layers`."""
+    stats = InputStats(layers, kind, device)
+    with stats:
+        for index, batch in enumerate(batches):
+            out = run_block(block, batch, device)
+            stats.after_batch()
+            if outputs is not None:
+                outputs[index] = out
+    return stats
+
+
+@torch.inference_mode()
+def prune_block(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    targets: dict[str, float],
+    batches: list[Batch],
+    request: PruneRequest,
+    device: torch.device,
+) -> tuple[list[LayerResult], list[torch.Tensor]]:
+    """Prune `layers` (a subset of the block's linears) in place; return results and dense outputs.
+
+    The dense outputs of the block (from the first statistics pass, before any weight changed)
+    come back so the caller can measure the pruned block's output error against them.
+    """
+    kind = "hessian" if request.method == "sparsegpt" else "norms"
+    if request.method == "magnitude" or not batches:
+        return _solve_layers(layers, None, targets, request), []
+    dense_outputs: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+    stats = collect(block, layers, kind, batches, device, dense_outputs)
+    if not request.true_sequential:
+        return _solve_layers(layers, stats, targets, request), dense_outputs
+    # True sequential: each later group of layers sharing an input gets statistics gathered after
+    # the groups before it were pruned, so its solve sees the inputs the pruned block will produce.
+    groups = stats.groups or []
+    results = _solve_layers({name: layers[name] for name in groups[0]}, stats, targets, request)
+    for group in groups[1:]:
+        subset = {name: layers[name] for name in group}
+        results += _solve_layers(subset, collect(block, subset, kind, batches, device), targets, request)
+    return results, dense_outputs

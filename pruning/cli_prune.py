@@ -1,0 +1,207 @@
+"""`shears prune`, `shears eval` and `shears models`: the engine from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pruning.progress import Event
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    prune = sub.add_parser("prune", help="prune a model one-shot and write a Hugging Face folder")
+    prune.add_argument("model", help="built-in alias (smollm2-135m), local folder, .gguf file or hub repo id")
+    prune.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
+    prune.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern")
+    prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
+    prune.add_argument("--revision")
+    prune.add_argument("--calib", default="builtin", help="builtin | self | hf:<dataset>[:<config>[:<split>]] | path")
+    prune.add_argument("--text-column")
+    prune.add_argument("--samples", type=int, default=128)
+    prune.add_argument("--seqlen", type=int, default=512)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--eval-source", help="held-out text source (default: held out from --calib)")
+    prune.add_argument("--eval-seqlen", type=int, default=512)
+    prune.add_argument("--eval-tokens", type=int, default=20480)
+    prune.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    prune.add_argument("--ignore", action="append", help="regex of layer names to leave dense (repeatable)")
+    prune.add_argument("--override", action="append", default=[], metavar="REGEX=SPARSITY")
+    prune.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
+    prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    prune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    prune.add_argument("--formats", default="dense", help="comma list of: dense, packed")
+    prune.add_argument("--benchmark", action="store_true", help="time the pruned layers' kernels")
+    prune.add_argument("--request", type=Path, help="a JSON job request; flags given here are ignored")
+    prune.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt checkpoints")
+    prune.add_argument("--trust-remote-code", action="store_true")
+    prune.add_argument("--cache-dir")
+    prune.add_argument("--quiet", action="store_true", help="no progress bar")
+    prune.set_defaults(func=_prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a model folder on held-out text")
+    evaluate.add_argument("model", help="folder, .gguf, alias or hub id")
+    evaluate.add_argument("--source", default="builtin")
+    evaluate.add_argument("--seqlen", type=int, default=512)
+    evaluate.add_argument("--tokens", type=int, default=20480)
+    evaluate.add_argument("--cache-dir")
+    evaluate.set_defaults(func=_eval)
+
+    models = sub.add_parser("models", help="built-in models")
+    models.add_argument("action", choices=["list", "prepare"])
+    models.add_argument("name", nargs="?", default="smollm2-135m")
+    models.add_argument("--cache-dir")
+    models.set_defaults(func=_models)
+
+
+def _request_from_args(args: argparse.Namespace) -> Any:
+    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest
+
+    if args.request:
+        return PruneRequest.model_validate_json(args.request.read_text())
+    sparsity = args.sparsity
+    if sparsity is None:
+        sparsity = Pattern.parse(args.pattern).sparsity
+        if sparsity is None:
+            raise ValueError("--sparsity is required for an unstructured pattern")
+    overrides = {}
+    for item in args.override:
+        regex, _, value = item.rpartition("=")
+        if not regex:
+            raise ValueError(f"--override {item!r}: expected REGEX=SPARSITY")
+        overrides[regex] = float(value)
+    fields: dict[str, Any] = dict(
+        model=args.model, revision=args.revision, method=args.method, sparsity=sparsity, pattern=args.pattern,
+        calibration=CalibrationSpec(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                                    text_column=args.text_column, batch_size=args.batch_size),
+        evaluation=EvaluationSpec(enabled=not args.no_eval, source=args.eval_source, seqlen=args.eval_seqlen,
+                                  max_tokens=args.eval_tokens),
+        overrides=overrides, true_sequential=args.true_sequential, dtype=args.dtype, device=args.device,
+        formats=[f.strip() for f in args.formats.split(",") if f.strip()], benchmark=args.benchmark,
+    )
+    if args.owl:
+        fields["owl"] = {}
+    if args.ignore is not None:
+        fields["ignore"] = args.ignore
+    return PruneRequest(**fields)
+
+
+class ProgressBar:
+    """Draws engine events as a tqdm bar per phase on stderr."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event.kind == "phase":
+            self.close()
+            print(f"[shears] {event.message}", file=sys.stderr)
+        elif event.kind == "progress" and event.total:
+            if self.bar is None:
+                self.bar = tqdm(total=event.total, desc=event.phase, unit="block", file=sys.stderr)
+            self.bar.update((event.done or 0) - self.bar.n)
+        elif event.kind == "log":
+            print(f"[shears] {event.message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from pruning.config import EngineOptions
+
+    return EngineOptions(cache_dir=args.cache_dir, allow_pickle=getattr(args, "allow_pickle", False),
+                         trust_remote_code=getattr(args, "trust_remote_code", False))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pruning.engine import prune
+    from pruning.errors import ShearsError
+
+    try:
+        request = _request_from_args(args)
+    except (ValidationError, ValueError) as exc:
+        print(f"shears prune: invalid request: {exc}", file=sys.stderr)
+        return 2
+    bar = ProgressBar(not args.quiet)
+    try:
+        manifest = prune(request, args.out, reporter=bar, options=_options(args))
+    except ShearsError as exc:
+        bar.close()
+        print(f"shears prune: {exc.code}: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(report_text(manifest))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def report_text(manifest: dict[str, Any]) -> str:
+    """A short human summary of a job's manifest."""
+    request, sparsity = manifest["request"], manifest["sparsity"]
+    lines = [
+        f"model      {manifest['model']['spec']} ({manifest['model']['architecture']}, "
+        f"{manifest['model']['num_blocks']} blocks)",
+        f"method     {request['method']} {request['pattern']} target {sparsity['target']:.3f}",
+        f"sparsity   {sparsity['achieved']:.4f} over {sparsity['pruned_layers']} layers "
+        f"({sparsity['of_all_parameters']:.4f} of all parameters)",
+    ]
+    ppl = manifest.get("perplexity")
+    if ppl:
+        lines.append(f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f} "
+                     f"({ppl['windows']} windows x {ppl['seqlen']} tokens, {ppl['tokens']} predicted)")
+    timings = " ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items())
+    lines.append(f"time       {manifest['total_seconds']:.1f}s ({timings})")
+    lines.append(f"peak RSS   {max(manifest['peak_memory']['rss_mb'].values()):.0f} MiB")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from calibration import load_windows
+    from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
+    from pruning.errors import ShearsError
+    from pruning.evaluate import perplexity_of_folder
+    from pruning.models import resolve_model
+
+    try:
+        model = resolve_model(args.model, None, EngineOptions(cache_dir=args.cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        windows = load_windows(
+            CalibrationSpec(source=args.source, samples=1, seqlen=8),
+            EvaluationSpec(source=args.source, seqlen=args.seqlen, max_tokens=args.tokens), tokenizer,
+        )
+        assert windows.evaluation is not None
+        result = perplexity_of_folder(model.path, windows.evaluation)
+    except ShearsError as exc:
+        print(f"shears eval: {exc.code}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, "source": args.source, **result.to_dict()}, indent=2))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from pruning.config import EngineOptions
+    from pruning.models import BUILTIN_MODELS, resolve_model
+
+    if args.action == "list":
+        for name, (package, file) in BUILTIN_MODELS.items():
+            print(f"{name}\t{package}/{file}")
+        return 0
+    print(resolve_model(args.name, None, EngineOptions(cache_dir=args.cache_dir)).path)
+    return 0

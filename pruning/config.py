@@ -1,0 +1,164 @@
+"""The pruning request: one pydantic model shared by the CLI, the engine and the HTTP API."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["sparsegpt", "wanda", "magnitude"]
+OutputFormat = Literal["dense", "packed"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pattern(Strict):
+    """Unstructured (n = m = 0) or N:M: keep n of every m consecutive weights along the input dim."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1.0 - self.n / self.m if self.structured else None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern:
+        text = text.strip().lower()
+        if text == "unstructured":
+            return cls()
+        match = _NM.match(text)
+        if not match:
+            raise ValueError(f"pattern {text!r} is neither 'unstructured' nor 'N:M' (for example '2:4')")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M (keep N of every M weights), e.g. '2:4'")
+        if m > 64:
+            raise ValueError(f"pattern {text!r}: M must be at most 64")
+        return cls(n=n, m=m)
+
+
+class CalibrationSpec(Strict):
+    source: str = Field(
+        "builtin",
+        description="'builtin', 'self', 'hf:<dataset>[:<config>[:<split>]]', 'upload:<id>' or a local "
+        ".txt/.jsonl/.parquet path",
+    )
+    samples: Annotated[int, Field(ge=1, le=4096)] = 128
+    seqlen: Annotated[int, Field(ge=8, le=32768)] = 512
+    seed: int = 0
+    text_column: str | None = Field(None, description="column holding the text in .jsonl/.parquet/hf sources")
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+
+
+class EvaluationSpec(Strict):
+    enabled: bool = True
+    source: str | None = Field(None, description="held-out text source; default: the calibration source")
+    seqlen: Annotated[int, Field(ge=8, le=32768)] = 512
+    max_tokens: Annotated[int, Field(ge=64, le=10_000_000)] = 20480
+
+
+class OwlSpec(Strict):
+    """Outlier-weighted layer-wise sparsity (Yin et al. 2024): blocks with more outliers are pruned less."""
+
+    threshold: Annotated[float, Field(gt=0)] = 5.0
+    lam: Annotated[float, Field(ge=0, lt=1)] = 0.08
+
+
+class SparseGPTSpec(Strict):
+    block_size: Annotated[int, Field(ge=1, le=4096)] = 128
+    damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
+
+
+class PruneRequest(Strict):
+    model: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
+    revision: str | None = Field(None, max_length=128)
+    method: Method
+    sparsity: Annotated[float, Field(gt=0, lt=1)]
+    pattern: str = "unstructured"
+    calibration: CalibrationSpec = CalibrationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    ignore: list[str] = Field(default_factory=lambda: [r"(^|\.)lm_head$"], description="regexes of layer names")
+    overrides: dict[str, Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=dict, description="regex of layer name -> sparsity (unstructured only)"
+    )
+    owl: OwlSpec | None = None
+    true_sequential: bool = False
+    sparsegpt: SparseGPTSpec = SparseGPTSpec()
+    dtype: DType = "auto"
+    device: Device = "auto"
+    formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
+    benchmark: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return str(Pattern.parse(value))
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, value: list[str]) -> list[str]:
+        for rx in value:
+            _compile(rx, "ignore")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, float]) -> dict[str, float]:
+        for rx in value:
+            _compile(rx, "overrides")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneRequest:
+        pattern = self.parsed_pattern
+        if pattern.structured:
+            if abs(self.sparsity - pattern.sparsity) > 1e-6:
+                raise ValueError(
+                    f"pattern {pattern} fixes sparsity at {pattern.sparsity:g}; got sparsity={self.sparsity:g}"
+                )
+            if self.overrides:
+                raise ValueError("per-layer sparsity overrides apply to unstructured patterns only")
+            if self.owl is not None:
+                raise ValueError("OWL layer-wise sparsity applies to unstructured patterns only")
+        if not self.formats:
+            raise ValueError("formats must name at least one of 'dense', 'packed'")
+        return self
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+
+def _compile(rx: str, field: str) -> re.Pattern[str]:
+    try:
+        return re.compile(rx)
+    except re.error as exc:
+        raise ValueError(f"{field}: {rx!r} is not a valid regular expression ({exc})") from exc
+
+
+class EngineOptions(Strict):
+    """Operator-level settings: what a job may load and where the engine keeps its files.
+
+    Not part of a request: a user of the HTTP API cannot turn these on.
+    """
+
+    cache_dir: str | None = Field(None, description="model cache; default $SHEARS_HOME/models or ~/.cache/shears")
+    uploads_dir: str | None = Field(None, description="where 'upload:<id>' calibration files live")
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    max_shard_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30

@@ -1,0 +1,254 @@
+"""A pruning job, start to finish: load, calibrate, prune block by block, evaluate, save, verify.
+
+Only one decoder block's weights are materialised at a time; each pruned block is written to its
+shard as soon as it is done. Everything is written to a temporary sibling of `out_dir` and renamed
+into place only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.block_pruner import LayerResult, prune_block
+from pruning.config import EngineOptions, PruneRequest
+from pruning.errors import InvalidRequest, OutOfMemory
+from pruning.evaluate import eval_batch_size, finish, split_windows
+from pruning.models import ResolvedModel, resolve_model
+from pruning.output import copy_model_files, verify_output, write_manifest
+from pruning.plan import layer_targets, owl_block_sparsities
+from pruning.progress import Event, Reporter, silent
+from pruning.resources import PhaseClock
+from pruning.shards import ShardWriter, TensorSpec, plan_shards
+from pruning.skeleton import Skeleton, build_skeleton
+from pruning.streaming import Batch, capture_inputs, run_block
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device 'cuda' requested but no CUDA GPU is available here; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def prune(
+    request: PruneRequest,
+    out_dir: Path,
+    *,
+    reporter: Reporter | None = None,
+    options: EngineOptions | None = None,
+) -> dict[str, Any]:
+    """Run the job described by `request`, writing a Hugging Face folder to `out_dir`.
+
+    Returns the manifest (also written as out_dir/manifest.json).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InvalidRequest(f"output folder {str(out_dir)!r} already exists; choose a new one")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        manifest = _Job(request, work, reporter or silent, options or EngineOptions()).run()
+        os.replace(work, out_dir)
+        fd = os.open(out_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return manifest
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(f"out of GPU memory: {exc}; lower calibration.batch_size or samples") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Job:
+    def __init__(self, request: PruneRequest, work: Path, reporter: Reporter, options: EngineOptions) -> None:
+        self.request = request
+        self.work = work
+        self.reporter = reporter
+        self.options = options
+        self.clock = PhaseClock(reporter)
+
+    def run(self) -> dict[str, Any]:
+        request = self.request
+        torch.manual_seed(request.calibration.seed)
+        with self.clock.phase("loading", f"loading {request.model}"):
+            model, skeleton, tokenizer = self._load()
+            targets = layer_targets(skeleton, request)
+        with self.clock.phase("calibrating"):
+            windows, calib, dense_eval, eval_ids = self._calibrate(model, skeleton, tokenizer)
+            if request.owl is not None:
+                targets = layer_targets(skeleton, request, owl_block_sparsities(skeleton, calib, request))
+        pruned_eval = [Batch(b.hidden.clone(), b.kwargs) for b in dense_eval]
+        writer = ShardWriter(self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes))
+        try:
+            self._write_outside(skeleton, writer)
+            with self.clock.phase("pruning"):
+                layers, blocks = self._prune_blocks(skeleton, targets, calib, dense_eval, pruned_eval, writer)
+            files = writer.finish()
+        finally:
+            writer.abort()
+        perplexity = None
+        if eval_ids:
+            with self.clock.phase("evaluating"):
+                before = finish(skeleton, eval_ids, dense_eval)
+                after = finish(skeleton, eval_ids, pruned_eval)
+                perplexity = {"dense": before.ppl, "pruned": after.ppl, "seqlen": before.seqlen,
+                              "tokens": before.tokens, "windows": before.windows,
+                              "nll_dense": before.nll, "nll_pruned": after.nll}
+        with self.clock.phase("saving"):
+            copy_model_files(model.path, self.work, self._output_dtype(skeleton))
+            pruned_names = [r.name + ".weight" for r in layers]
+            packed: list[str] = []
+            if "packed" in request.formats:
+                from kernels.sparse_file import pack_folder
+
+                packed = pack_folder(self.work, request.parsed_pattern, pruned_names)
+        with self.clock.phase("verifying"):
+            verify_output(self.work, layers, request.parsed_pattern)
+        benchmark = None
+        if request.benchmark:
+            with self.clock.phase("benchmarking"):
+                from kernels.bench import run_benchmark
+
+                benchmark = run_benchmark(self.work, self.reporter)
+        manifest = write_manifest(
+            self.work, request=request, model=model, skeleton=skeleton, windows_info=windows,
+            layers=layers, blocks=blocks, perplexity=perplexity, weight_files=files, packed_files=packed,
+            benchmark=benchmark, clock=self.clock.summary(),
+        )
+        self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
+        return manifest
+
+    def _load(self) -> tuple[ResolvedModel, Skeleton, Any]:
+        from transformers import AutoTokenizer
+
+        request = self.request
+        model = resolve_model(request.model, request.revision, self.options)
+        device = pick_device(request.device)
+        skeleton = build_skeleton(
+            model.path, device=device, dtype=self._compute_dtype(model, device),
+            trust_remote_code=self.options.trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=self.options.trust_remote_code)
+        return model, skeleton, tokenizer
+
+    def _compute_dtype(self, model: ResolvedModel, device: torch.device) -> torch.dtype:
+        if device.type == "cpu":
+            return torch.float32  # CPU matmuls in half precision are slow and lose accuracy
+        if self.request.dtype != "auto":
+            return _DTYPES[self.request.dtype]
+        from pruning.checkpoint import Checkpoint
+
+        source = Checkpoint(model.path).dominant_dtype()
+        return torch.float16 if source == torch.float16 else torch.bfloat16
+
+    def _output_dtype(self, skeleton: Skeleton) -> torch.dtype | None:
+        return None if self.request.dtype == "auto" else _DTYPES[self.request.dtype]
+
+    def _calibrate(
+        self, model: ResolvedModel, skeleton: Skeleton, tokenizer: Any
+    ) -> tuple[dict[str, Any], list[Batch], list[Batch], list[torch.Tensor]]:
+        from calibration import iter_batches, load_windows
+
+        from pruning.generate import self_sampler
+
+        request = self.request
+        evaluation = request.evaluation if request.evaluation.enabled else None
+        generate = self_sampler(model.path, skeleton.device, skeleton.dtype)
+        uploads = Path(self.options.uploads_dir) if self.options.uploads_dir else None
+        windows = load_windows(request.calibration, evaluation, tokenizer, uploads_dir=uploads, generate=generate)
+        store = skeleton.device
+        calib: list[Batch] = []
+        if request.method != "magnitude" or request.owl is not None:
+            calib = capture_inputs(skeleton, iter_batches(windows.calibration, request.calibration.batch_size), store)
+        eval_ids: list[torch.Tensor] = []
+        dense_eval: list[Batch] = []
+        if windows.evaluation is not None:
+            vocab = skeleton.model.get_output_embeddings().out_features
+            eval_ids = split_windows(windows.evaluation, eval_batch_size(windows.evaluation.shape[1], vocab))
+            dense_eval = capture_inputs(skeleton, eval_ids, store)
+        return windows.info, calib, dense_eval, eval_ids
+
+    def _output_specs(self, skeleton: Skeleton) -> list[TensorSpec]:
+        checkpoint = skeleton.checkpoint
+        dtype = self._output_dtype(skeleton)
+        specs = []
+        for name in _outside_names(skeleton) + [n for i in range(skeleton.num_blocks) for n in _block_names(skeleton, i)]:
+            source = checkpoint.dtypes[name]
+            out = dtype if dtype is not None and source.is_floating_point else source
+            specs.append(TensorSpec(name, out, checkpoint.shapes[name]))
+        return specs
+
+    def _write_outside(self, skeleton: Skeleton, writer: ShardWriter) -> None:
+        names = _outside_names(skeleton)
+        for name, tensor in skeleton.checkpoint.load(names).items():
+            writer.write(name, tensor)
+
+    def _prune_blocks(
+        self,
+        skeleton: Skeleton,
+        targets: dict[str, float | None],
+        calib: list[Batch],
+        dense_eval: list[Batch],
+        pruned_eval: list[Batch],
+        writer: ShardWriter,
+    ) -> tuple[list[LayerResult], list[dict[str, Any]]]:
+        device = skeleton.device
+        total = skeleton.num_blocks
+        all_layers: list[LayerResult] = []
+        blocks: list[dict[str, Any]] = []
+        for index in range(total):
+            block = skeleton.materialize_block(index)
+            with torch.inference_mode():
+                for batch in dense_eval:
+                    batch.hidden = run_block(block, batch, device)
+                layers = {n: m for n, m in skeleton.linear_layers(index).items() if targets[n] is not None}
+                chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
+                results, dense_out = prune_block(block, layers, chosen, calib, self.request, device)
+                squared_error = squared_norm = 0.0
+                for position, batch in enumerate(calib):
+                    out = run_block(block, batch, device)
+                    if dense_out:
+                        squared_error += float((out.float() - dense_out[position].float()).pow(2).sum())
+                        squared_norm += float(dense_out[position].float().pow(2).sum())
+                    batch.hidden = out
+                for batch in pruned_eval:
+                    batch.hidden = run_block(block, batch, device)
+            self._write_block(skeleton, index, writer, {r.name + ".weight" for r in results})
+            skeleton.release_block(index)
+            all_layers += results
+            output_error = squared_error / squared_norm if squared_norm else None
+            blocks.append({"index": index, "output_error": output_error,
+                           "seconds": round(sum(r.seconds for r in results), 4)})
+            self.reporter(Event("progress", phase="pruning", done=index + 1, total=total,
+                                message=f"block {index + 1}/{total}",
+                                data={"output_error": output_error}))
+        return all_layers, blocks
+
+    def _write_block(self, skeleton: Skeleton, index: int, writer: ShardWriter, pruned: set[str]) -> None:
+        params = dict(skeleton.blocks[index].named_parameters(prefix=f"{skeleton.blocks_prefix}.{index}"))
+        names = _block_names(skeleton, index)
+        originals = skeleton.checkpoint.load([n for n in names if n not in pruned])
+        for name in names:
+            writer.write(name, params[name].data if name in pruned else originals[name])
+
+
+def _outside_names(skeleton: Skeleton) -> list[str]:
+    prefix = skeleton.blocks_prefix + "."
+    return [n for n in skeleton.checkpoint.names if not n.startswith(prefix)]
+
+
+def _block_names(skeleton: Skeleton, index: int) -> list[str]:
+    prefix = f"{skeleton.blocks_prefix}.{index}."
+    return [n for n in skeleton.checkpoint.names if n.startswith(prefix)]

@@ -1,0 +1,119 @@
+"""Pruning masks: which weights to zero, given per-weight scores (lower score = pruned first).
+
+Every mask is exact (the requested count, never "about"), and ties are broken by position (the
+lower flat index is pruned first), so the same scores give the same mask on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pruning.config import Pattern
+from pruning.errors import InvalidRequest
+
+
+def check_pattern(shape: tuple[int, ...], pattern: Pattern, name: str) -> None:
+    """Raise `InvalidRequest` if a [out, in] weight of `shape` cannot take `pattern`."""
+    if len(shape) != 2:
+        raise InvalidRequest(f"layer {name!r}: expected a 2-D [out, in] weight, got shape {tuple(shape)}")
+    if not pattern.structured:
+        return
+    width = shape[1]
+    if width % pattern.m != 0:
+        raise InvalidRequest(
+            f"layer {name!r} has input width {width}, which is not a multiple of M={pattern.m} "
+            f"for pattern {pattern}: choose an N:M pattern whose M divides {width}, prune unstructured, "
+            f"or add the layer to 'ignore'"
+        )
+
+
+def prune_mask(scores: Tensor, sparsity: float, pattern: Pattern, *, per_row: bool = False) -> Tensor:
+    """Boolean mask (True = prune) of the lowest `scores` of a 2-D [out, in] score matrix.
+
+    N:M: in every group of M consecutive input columns of each row, exactly M-N are pruned (the
+    `sparsity` argument is then ignored: the pattern fixes it). Unstructured: exactly
+    round(sparsity * in) per row if `per_row`, else exactly round(sparsity * numel) in the matrix.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
+    # -0.0 and +0.0 compare equal but may sort apart on some backends; NaN would break the selection.
+    scores = torch.nan_to_num(scores, nan=float("inf")) + 0.0
+    if pattern.structured:
+        rows, cols = scores.shape
+        if cols % pattern.m:
+            raise ValueError(f"input width {cols} is not a multiple of M={pattern.m} for pattern {pattern}")
+        groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+        return nm_group_mask(groups, pattern.m - pattern.n, dim=-1).reshape(rows, cols)
+    _check_sparsity(sparsity)
+    if per_row:
+        return lowest_k_mask(scores, round(sparsity * scores.shape[1]), dim=1)
+    return lowest_k_mask(scores.reshape(-1), round(sparsity * scores.numel()), dim=0).reshape(scores.shape)
+
+
+def nm_group_mask(groups: Tensor, prune: int, dim: int) -> Tensor:
+    """Mask of the `prune` lowest entries along `dim` (a group of M); ties go to the lower index."""
+    order = torch.argsort(groups, dim=dim, stable=True).narrow(dim, 0, prune)
+    return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(dim, order, True)
+
+
+def lowest_k_mask(scores: Tensor, k: int, dim: int) -> Tensor:
+    """Mask of exactly the `k` lowest entries along `dim` of a 1-D or 2-D tensor.
+
+    A k-th value threshold (linear time, no full sort) plus tie resolution by position: entries
+    equal to the threshold are taken in index order until the count is exact.
+    """
+    length = scores.shape[dim]
+    if not 0 <= k <= length:
+        raise ValueError(f"cannot prune {k} of {length} entries")
+    if k == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k == length:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
+    below = scores < threshold
+    missing = k - below.sum(dim=dim, keepdim=True)
+    ties = scores == threshold
+    return below | (ties & (torch.cumsum(ties, dim=dim) <= missing))
+
+
+def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
+    """A new tensor: `weight` with the masked entries set to +0.0 (and no -0.0 anywhere)."""
+    # x + 0.0 turns -0.0 into +0.0 and leaves every other value alone (packed formats need +0.0).
+    return torch.where(mask, 0, weight).add_(0.0)
+
+
+def achieved_sparsity(weight: Tensor) -> float:
+    """Fraction of entries that are exactly zero."""
+    if weight.numel() == 0:
+        return 0.0
+    return int((weight == 0).sum()) / weight.numel()
+
+
+def satisfies_pattern(weight: Tensor, pattern: Pattern) -> bool:
+    """True if every group of M consecutive input weights has at least M-N zeros (always, unstructured)."""
+    if not pattern.structured:
+        return True
+    if weight.dim() < 1 or weight.shape[-1] % pattern.m:
+        return False
+    zeros = (weight.reshape(-1, pattern.m) == 0).sum(dim=1)
+    return bool((zeros >= pattern.m - pattern.n).all())
+
+
+def check_solver_args(weight: Tensor, sparsity: float, pattern: Pattern) -> None:
+    """The checks every solver makes: a finite 2-D weight, a sparsity the pattern agrees with."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    check_pattern(tuple(weight.shape), pattern, "weight")
+    if pattern.structured:
+        if abs(sparsity - pattern.sparsity) > 1e-6:
+            raise ValueError(f"pattern {pattern} fixes sparsity at {pattern.sparsity:g}, got {sparsity:g}")
+    else:
+        _check_sparsity(sparsity)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight has NaN or infinite entries; the model's weights are broken")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be within [0, 1], got {sparsity}")

@@ -1,0 +1,124 @@
+"""The output folder around the weights: config and tokenizer files, verification, the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruning.block_pruner import LayerResult
+from pruning.checkpoint import INDEX, Checkpoint
+from pruning.config import Pattern, PruneRequest
+from pruning.manifest import MANIFEST, file_entries, versions, write_json
+from pruning.masks import achieved_sparsity, satisfies_pattern
+from pruning.models import ResolvedModel
+from pruning.skeleton import Skeleton
+
+# Files of the source folder that are not carried over: weights (rewritten), pickles, our own records.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".lock")
+_SKIP_NAMES = {INDEX, MANIFEST, "shears-source.json", "bench.json", "bench.png"}
+
+
+def copy_model_files(source: Path, dest: Path, dtype: torch.dtype | None) -> list[str]:
+    """Copy config, tokenizer and generation files; record a changed dtype in config.json."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or path.suffix in _SKIP_SUFFIXES or path.name in _SKIP_NAMES:
+            continue
+        if path.name.startswith(("sparse", ".")):
+            continue
+        shutil.copyfile(path, dest / path.name)
+        copied.append(path.name)
+    if dtype is not None:
+        config = json.loads((dest / "config.json").read_text())
+        name = str(dtype).removeprefix("torch.")
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+        config.setdefault("dtype", name)
+        (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def verify_output(folder: Path, layers: list[LayerResult], pattern: Pattern) -> None:
+    """Re-read every pruned weight from disk: sparsity as recorded and the pattern holds."""
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(folder)
+    written = Checkpoint(folder)
+    for layer in layers:
+        name = layer.name + ".weight"
+        weight = written.load([name])[name]
+        if achieved_sparsity(weight) != layer.sparsity:
+            raise RuntimeError(f"verification: {name} on disk has sparsity {achieved_sparsity(weight)}, "
+                               f"solver reported {layer.sparsity}")
+        if pattern.structured and not satisfies_pattern(weight, pattern):
+            raise RuntimeError(f"verification: {name} on disk breaks the {pattern} pattern")
+        if torch.signbit(weight[weight == 0]).any():
+            raise RuntimeError(f"verification: {name} on disk holds -0.0")
+
+
+def _sparsity_summary(layers: list[LayerResult], skeleton: Skeleton, target: float) -> dict[str, Any]:
+    pruned_params = sum(r.shape[0] * r.shape[1] for r in layers)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers)
+    all_params = sum(
+        int(torch.Size(shape).numel()) for name, shape in skeleton.checkpoint.shapes.items()
+        if skeleton.checkpoint.dtypes[name].is_floating_point
+    )
+    return {
+        "target": target,
+        "pruned_layers": len(layers),
+        "pruned_parameters": pruned_params,
+        "achieved": zeros / pruned_params if pruned_params else 0.0,
+        "of_all_parameters": zeros / all_params if all_params else 0.0,
+    }
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    request: PruneRequest,
+    model: ResolvedModel,
+    skeleton: Skeleton,
+    windows_info: dict[str, Any],
+    layers: list[LayerResult],
+    blocks: list[dict[str, Any]],
+    perplexity: dict[str, Any] | None,
+    weight_files: list[str],
+    packed_files: list[str],
+    benchmark: dict[str, Any] | None,
+    clock: dict[str, Any],
+) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "format": "shears-manifest/1",
+        "request": request.model_dump(mode="json"),
+        "model": {
+            "spec": model.spec,
+            "source": model.kind,
+            "revision": model.revision,
+            "architecture": type(skeleton.model).__name__,
+            "model_type": skeleton.config.model_type,
+            "num_blocks": skeleton.num_blocks,
+            "blocks_prefix": skeleton.blocks_prefix,
+            "compute_dtype": str(skeleton.dtype).removeprefix("torch."),
+            "device": skeleton.device.type,
+        },
+        "calibration": windows_info,
+        "versions": versions(),
+        "sparsity": _sparsity_summary(layers, skeleton, request.sparsity),
+        "layers": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in layers},
+        "blocks": blocks,
+        "perplexity": perplexity,
+        "weights": {"dense": weight_files, "packed": packed_files},
+        "benchmark": benchmark,
+        "timings": clock["seconds"],
+        "total_seconds": clock["total_seconds"],
+        "peak_memory": {"rss_mb": clock["peak_rss_mb"], "cuda_mb": clock["peak_cuda_mb"]},
+    }
+    manifest["files"] = file_entries(folder)
+    write_json(folder / MANIFEST, manifest)
+    return manifest

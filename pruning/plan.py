@@ -1,0 +1,69 @@
+"""Which linear layers get pruned, and to what sparsity: ignore list, per-layer overrides, OWL."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from pruning.block_pruner import collect
+from pruning.config import PruneRequest
+from pruning.errors import InvalidRequest
+from pruning.masks import check_pattern
+from pruning.owl import outlier_ratio, owl_sparsities
+from pruning.skeleton import Skeleton
+from pruning.stats import InputNormAccumulator
+from pruning.streaming import Batch
+
+
+def layer_targets(
+    skeleton: Skeleton, request: PruneRequest, block_sparsity: list[float] | None = None
+) -> dict[str, float | None]:
+    """Target sparsity of every linear layer in the blocks; None means left dense.
+
+    The first matching ignore regex leaves a layer dense; else the first matching override sets
+    its sparsity; else the block's OWL sparsity, or the request's. Regexes are searched in the full
+    module name (e.g. `model.layers.3.mlp.down_proj`).
+    """
+    ignore = [re.compile(rx) for rx in request.ignore]
+    overrides = [(re.compile(rx), value) for rx, value in request.overrides.items()]
+    pattern = request.parsed_pattern
+    targets: dict[str, float | None] = {}
+    for index in range(skeleton.num_blocks):
+        default = block_sparsity[index] if block_sparsity else request.sparsity
+        for name, layer in skeleton.linear_layers(index).items():
+            if any(rx.search(name) for rx in ignore):
+                targets[name] = None
+                continue
+            check_pattern((layer.out_features, layer.in_features), pattern, name)
+            targets[name] = next((value for rx, value in overrides if rx.search(name)), default)
+    if all(value is None for value in targets.values()):
+        raise InvalidRequest(f"the ignore list {request.ignore} leaves no linear layer to prune")
+    return targets
+
+
+@torch.inference_mode()
+def owl_block_sparsities(skeleton: Skeleton, calib: list[Batch], request: PruneRequest) -> list[float]:
+    """A dense pass over all blocks measuring each block's outlier ratio (OWL), then its sparsity.
+
+    `calib` is not modified: the pass streams copies of the hidden states.
+    """
+    assert request.owl is not None
+    device = skeleton.device
+    stream = [Batch(batch.hidden.clone(), batch.kwargs) for batch in calib]
+    ratios = []
+    for index in range(skeleton.num_blocks):
+        block = skeleton.materialize_block(index)
+        layers = skeleton.linear_layers(index)
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(stream)
+        stats = collect(block, layers, "norms", stream, device, outputs)
+        pairs = []
+        for name, layer in layers.items():
+            acc = stats.of(name)
+            assert isinstance(acc, InputNormAccumulator)
+            pairs.append((layer.weight.data, acc.sq_norm))
+        ratios.append(outlier_ratio(pairs, request.owl.threshold))
+        for batch, out in zip(stream, outputs, strict=True):
+            batch.hidden = out
+        skeleton.release_block(index)
+    return owl_sparsities(ratios, request.sparsity, request.owl.lam)

@@ -1,0 +1,139 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune column by column, pushing each error onto later columns.
+
+Follows IST-DASLab/sparsegpt with the fixes of docs/reference section 3: dead inputs handled,
+damping retried instead of an identity fallback, exact per-layer sparsity, no caller tensor mutated.
+The work runs in the transposed [in, out] layout so that one input column is one contiguous row.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from pruning.config import Pattern
+from pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from pruning.stats import ieee_fp32_matmul
+
+log = logging.getLogger(__name__)
+
+DAMP_RETRIES = 4  # damp, 10x, 100x, 1000x, 10000x
+
+
+@torch.no_grad()
+def inverse_hessian_factor(hessian: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + d * mean(diag H) * I)^-1 and the relative damping d used.
+
+    H must already have its dead inputs fixed. d starts at `damp` and grows 10x per failed attempt;
+    if every attempt fails, RuntimeError (never the identity: that would be magnitude pruning).
+    """
+    scale = hessian.diagonal().abs().mean()
+    if not bool(torch.isfinite(hessian).all()):
+        raise RuntimeError("SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)")
+    relative = damp
+    for attempt in range(retries + 1):
+        damped = hessian.clone()
+        damped.diagonal().add_(relative * scale)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    log.warning("SparseGPT: Hessian needed damping %g (asked for %g)", relative, damp)
+                return upper, relative
+        relative *= 10
+    raise RuntimeError(
+        f"SparseGPT: the Hessian is not positive definite even with damping {relative / 10:g} x mean(diag H) "
+        f"({retries + 1} attempts from {damp:g}); the calibration inputs of this layer are degenerate"
+    )
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> Tensor:
+    """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
+
+    Unstructured: round(sparsity * numel) zeros in all (the count of each block of columns is set
+    so that the block totals add up to it exactly), chosen per block from the updated weights.
+    N:M: M-N zeros in every group of M consecutive input weights of a row, chosen group by group.
+    Inputs that never fired (diag H == 0) get their weight column zeroed, which may add zeros.
+    """
+    check_solver_args(weight, sparsity, pattern)
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, the weight needs ({cols}, {cols})")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if pattern.structured:  # a group of M must not straddle two blocks
+        block_size = -(-block_size // pattern.m) * pattern.m
+    device = weight.device
+
+    with ieee_fp32_matmul():
+        hess = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+        dead = hess.diagonal() == 0
+        hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
+        hinv, _ = inverse_hessian_factor(hess, damp)
+        del hess
+        # [in, out], a private fp32 copy; dead input columns start at zero.
+        work = weight.detach().to(device=device, dtype=torch.float32).T.clone(memory_format=torch.contiguous_format)
+        work.masked_fill_(dead[:, None], 0.0)
+        for start in range(0, cols, block_size):
+            end = min(start + block_size, cols)
+            # Block quotas from the rounded running total: they add up to round(sparsity * numel).
+            quota = None if pattern.structured else round(sparsity * rows * end) - round(sparsity * rows * start)
+            _prune_block(work, hinv, start, end, pattern, quota)
+        result = work.T.to(weight.dtype).add_(0.0)  # -0.0 (also from a fp16 underflow) -> +0.0
+    return result.contiguous()
+
+
+def _prune_block(work: Tensor, hinv: Tensor, start: int, end: int, pattern: Pattern, count: int | None) -> None:
+    """Prune input columns [start, end) of `work` [in, out] in place and update the later columns."""
+    block = work[start:end]  # a view: updates land in `work`
+    hinv_block = hinv[start:end, start:end]
+    diag = hinv_block.diagonal()
+    width = end - start
+    if count is not None:  # unstructured: this block's quota, from the weights as updated so far
+        mask = lowest_k_mask((block.square() / diag[:, None].square()).reshape(-1), count, dim=0)
+        mask = mask.reshape(block.shape)
+        scale = mask / diag[:, None]
+    else:
+        mask = torch.zeros(block.shape, dtype=torch.bool, device=work.device)
+        scale = torch.zeros(block.shape, dtype=torch.float32, device=work.device)
+    errors = torch.empty_like(block)
+    m = pattern.m
+    for i in range(width):
+        if count is None and i % m == 0:
+            saliency = block[i : i + m].square() / diag[i : i + m, None].square()
+            group = nm_group_mask(saliency, m - pattern.n, dim=0)
+            mask[i : i + m] = group
+            torch.div(group, diag[i : i + m, None], out=scale[i : i + m])
+        # err = (w - w_pruned) / U_jj, pushed onto the columns right of i within the block.
+        torch.mul(block[i], scale[i], out=errors[i])
+        if i + 1 < width:
+            block[i + 1 :].addr_(hinv_block[i, i + 1 :], errors[i], alpha=-1)
+    block.masked_fill_(mask, 0.0)
+    if end < work.shape[0]:  # one big update of every later column
+        work[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
+
+
+@torch.no_grad()
+def layer_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> float:
+    """Relative reconstruction error tr(dW H dW^T) / tr(W H W^T) = ||WX - W'X||^2 / ||WX||^2."""
+    with ieee_fp32_matmul():
+        hess = hessian.detach().to(device=weight.device, dtype=torch.float32)
+        w = weight.detach().to(torch.float32)
+        delta = w - pruned.detach().to(device=weight.device, dtype=torch.float32)
+        numerator = float(((delta @ hess) * delta).sum())
+        denominator = float(((w @ hess) * w).sum())
+    if denominator == 0:
+        return 0.0 if numerator == 0 else float("inf")
+    return numerator / denominator

@@ -1,0 +1,32 @@
+"""Wanda (Sun et al. 2024): prune by |W_ij| * ||X_j||_2, compared within each output row."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pruning.config import Pattern
+from pruning.masks import apply_mask, check_solver_args, prune_mask
+
+
+@torch.no_grad()
+def wanda_scores(weight: Tensor, input_sq_norm: Tensor) -> Tensor:
+    """fp32 [out, in] scores |W_ij| * sqrt(sum over tokens of x_j^2)."""
+    if input_sq_norm.shape != (weight.shape[1],):
+        raise ValueError(
+            f"input_sq_norm has shape {tuple(input_sq_norm.shape)}, the weight needs ({weight.shape[1]},)"
+        )
+    norm = input_sq_norm.detach().to(device=weight.device, dtype=torch.float32).clamp_min(0).sqrt()
+    return weight.detach().to(torch.float32).abs() * norm
+
+
+@torch.no_grad()
+def wanda_prune(weight: Tensor, input_sq_norm: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
+    """A new [out, in] tensor in `weight`'s dtype and device with the lowest-scoring entries zeroed.
+
+    Unstructured: exactly round(sparsity * in) zeros in every row. N:M: M-N zeros in every group
+    of M consecutive input weights of a row.
+    """
+    check_solver_args(weight, sparsity, pattern)
+    scores = wanda_scores(weight, input_sq_norm)
+    return apply_mask(weight.detach(), prune_mask(scores, sparsity, pattern, per_row=True))

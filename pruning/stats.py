@@ -1,0 +1,107 @@
+"""Calibration statistics of one linear layer's inputs, accumulated batch by batch in fp32.
+
+Padding tokens (token_mask False) never enter a statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls in full precision (no TF32) inside the block; the previous setting is restored.
+
+    Uses the same API family (new `fp32_precision` where it exists) for saving and restoring, so a
+    caller that set TF32 with either API reads back what it set.
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # torch < 2.9
+        previous_flag = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous_flag
+
+
+def _tokens(x: Tensor, token_mask: Tensor | None, columns: int, device: torch.device) -> Tensor:
+    """The real (non-padding) tokens of `x` [..., K] as a 2-D [tokens, K] tensor on `device`."""
+    if x.shape[-1] != columns:
+        raise ValueError(f"input has {x.shape[-1]} features, the accumulator expects {columns}")
+    x = x.detach().to(device).reshape(-1, columns)
+    if token_mask is not None:
+        if token_mask.numel() != x.shape[0]:
+            raise ValueError(
+                f"token_mask has {token_mask.numel()} entries for {x.shape[0]} tokens "
+                f"(it must have the input's shape without the last dimension)"
+            )
+        x = x[token_mask.to(device=device, dtype=torch.bool).reshape(-1)]
+    return x
+
+
+class HessianAccumulator:
+    """H = (2/N) sum over tokens of x x^T, kept as a running mean in fp32 (SparseGPT's statistic)."""
+
+    def __init__(self, columns: int, device: torch.device | str) -> None:
+        self.columns = columns
+        self.device = torch.device(device)
+        self._hessian = torch.zeros(columns, columns, dtype=torch.float32, device=self.device)
+        self._tokens = 0
+
+    def add(self, x: Tensor, token_mask: Tensor | None = None) -> None:
+        x = _tokens(x, token_mask, self.columns, self.device).to(torch.float32)
+        count = x.shape[0]
+        if count == 0:
+            return
+        total = self._tokens + count
+        # Running mean: rescale the old sum, then add this batch with weight 2/total (no fp32 overflow).
+        with ieee_fp32_matmul():
+            self._hessian.addmm_(x.T, x, beta=self._tokens / total, alpha=2.0 / total)
+        self._tokens = total
+
+    @property
+    def hessian(self) -> Tensor:
+        """The accumulated [K, K] Hessian (the accumulator's own tensor: do not modify it)."""
+        return self._hessian
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+
+class InputNormAccumulator:
+    """Per input feature, the sum over tokens of x_j^2 in fp32 (Wanda's ||X_j||^2)."""
+
+    def __init__(self, columns: int, device: torch.device | str) -> None:
+        self.columns = columns
+        self.device = torch.device(device)
+        self._sq_norm = torch.zeros(columns, dtype=torch.float32, device=self.device)
+        self._tokens = 0
+
+    def add(self, x: Tensor, token_mask: Tensor | None = None) -> None:
+        x = _tokens(x, token_mask, self.columns, self.device).to(torch.float32)
+        if x.shape[0] == 0:
+            return
+        self._sq_norm.add_(x.square().sum(dim=0))
+        self._tokens += x.shape[0]
+
+    @property
+    def sq_norm(self) -> Tensor:
+        """The accumulated [K] squared input norms (the accumulator's own tensor: do not modify it)."""
+        return self._sq_norm
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
