@@ -33,3 +33,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Shears vs llm-compressor (issue 5). The peer gets its own venv (bench/peers/setup_venv.sh, stamped);
+# results: bench/results/peers-<date>.{json,md,png}. Flags: make bench-peers BENCH_PEERS_ARGS="--no-scaling"
+PEERS_VENV := bench/.venv-peers
+BENCH_PEERS_ARGS ?=
+
+bench-peers: setup
+	bench/peers/setup_venv.sh $(PY)
+	$(BIN)/python -m bench.peers.run --peer-python $(PEERS_VENV)/bin/python $(BENCH_PEERS_ARGS)

@@ -1,7 +1,8 @@
 """Token windows for calibration and evaluation: lazy tokenisation, deterministic sampling, batching.
 
 Calibration: `samples` windows of `seqlen` tokens drawn with `seed` from a pool of the first
-POOL_FACTOR x samples x seqlen tokens of the source (less if the source is shorter). Windows are disjoint
+POOL_FACTOR x samples x seqlen tokens of the source (at most MAX_POOL_TOKENS unless more are needed;
+less if the source is shorter). Windows are disjoint
 when the pool holds samples x seqlen tokens; a shorter pool (still >= seqlen) gives overlapping windows,
 flagged in `info["overlapping_windows"]`.
 
@@ -38,10 +39,12 @@ from pruning.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
-POOL_FACTOR = 4  # calibration windows are drawn from the first 4 x samples x seqlen tokens
+POOL_FACTOR = 4  # calibration windows are drawn from the first 4 x samples x seqlen tokens...
+MAX_POOL_TOKENS = 1 << 26  # ...or 64M tokens (512 MiB) if that is less, but never fewer than needed
 PIECE_CHARS = 100_000  # longest text handed to the tokenizer in one call
 _CHARS_PER_TOKEN = 4.0  # English with a 32k-50k vocabulary; corrected after the first batch
 _BATCH_CHARS = (8_192, 1_000_000)
+_FIRST_BATCH_CHARS = 65_536  # measures characters per token for this tokenizer and text
 
 Generate = Callable[[int, int, int], torch.Tensor]
 
@@ -75,7 +78,10 @@ class TokenStream:
             # little more than `target` is tokenised.
             ratio = self._chars / self.length if self.length else _CHARS_PER_TOKEN
             low, high = _BATCH_CHARS
-            budget = min(high, max(low, int((target - self.length) * ratio * 1.05)))
+            budget = min(
+                high if self.length else _FIRST_BATCH_CHARS,
+                max(low, int((target - self.length) * ratio * 1.05)),
+            )
             batch: list[tuple[bool, str]] = []
             while budget > 0 and (piece := self._next_piece()) is not None:
                 batch.append(piece)
@@ -155,7 +161,8 @@ def sample_windows(pool: torch.Tensor, samples: int, seqlen: int, seed: int) -> 
 
 def consecutive_windows(pool: torch.Tensor, seqlen: int, max_tokens: int) -> torch.Tensor:
     count = min(pool.numel(), max_tokens) // seqlen
-    return pool[: count * seqlen].reshape(count, seqlen)
+    # A copy, so the (possibly much larger) token stream behind `pool` can be freed.
+    return pool[: count * seqlen].reshape(count, seqlen).clone()
 
 
 def iter_batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -245,6 +252,7 @@ def load_windows(
 
     `generate(samples, seqlen, seed)` returns model-written token ids for the `self` source.
     `allow_local_paths=False` (for requests from the network) accepts only builtin/self/hf:/upload: specs.
+    A separate evaluation source takes its text column from calibration.text_column too.
     """
     if evaluation is not None and not evaluation.enabled:
         evaluation = None
@@ -343,9 +351,10 @@ def _text_windows(
     """Calibration windows from a text source and, when `hold_out` is given, the held-out tail's tokens."""
     spec, samples, seqlen = calibration.source, calibration.samples, calibration.seqlen
     needed = samples * seqlen
+    pool_target = max(needed, min(POOL_FACTOR * needed, MAX_POOL_TOKENS))
     documents = open_source(spec, text_column=calibration.text_column, uploads_dir=uploads_dir)
     stream = TokenStream(documents, tokenizer)
-    tokens = stream.read(POOL_FACTOR * needed + (hold_out.max_tokens if hold_out else 0))
+    tokens = stream.read(pool_target + (hold_out.max_tokens if hold_out else 0))
     if tokens.numel() == 0:
         raise CalibrationError(
             f"calibration source {spec!r} has no text (an empty file or empty text column)"
@@ -363,7 +372,7 @@ def _text_windows(
             + (0 if on_boundary else 1),
         )
         held_out = tokens[cut:]
-    pool = tokens[: min(cut, POOL_FACTOR * needed)]
+    pool = tokens[: min(cut, pool_target)]
     if pool.numel() < seqlen:
         raise CalibrationError(
             f"calibration source {spec!r} has {pool.numel()} tokens, needs at least M = samples x seqlen = "

@@ -25,6 +25,7 @@ pack(unpack(p)) == p exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +130,9 @@ class PackedBitmask:
         return {"bitmask": self.bitmask, "values": self.values, "row_offsets": self.row_offsets}
 
     def to(self, device: torch.device | str) -> PackedBitmask:
-        return PackedBitmask(self.bitmask.to(device), self.values.to(device), self.row_offsets.to(device),
-                             self.shape)
+        return PackedBitmask(
+            self.bitmask.to(device), self.values.to(device), self.row_offsets.to(device), self.shape
+        )
 
 
 PackedWeight = PackedNM | PackedBitmask
@@ -183,6 +185,14 @@ def _kept_indices(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return (rank.sort(dim=-1).values[..., :n] % m).sort(dim=-1).values
 
 
+@functools.cache
+def _kept_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept slots [2^m, n], non-zero count [2^m]) for every non-zero pattern of a group, by its bit code."""
+    codes = torch.arange(1 << m)
+    nonzero = ((codes[:, None] >> torch.arange(m)) & 1).bool()
+    return _kept_indices(nonzero, n, m), nonzero.sum(-1)
+
+
 def satisfies_nm(dense: torch.Tensor, n: int, m: int) -> bool:
     """True if every group of m consecutive columns of a 2-D `dense` has at most n non-zeros."""
     if dense.dim() != 2 or not 0 < n < m or dense.shape[1] % m:
@@ -214,15 +224,19 @@ def pack_nm(dense: torch.Tensor, n: int, m: int, name: str = "tensor") -> Packed
     for start in range(0, rows, step):
         block = dense[start : start + step].reshape(-1, groups, m)
         count = block.shape[0]
-        nonzero = block != 0
-        counts = nonzero.sum(-1)
-        if counts.numel() and int(counts.max()) > n:
+        # Each group's non-zero pattern as an m-bit code, then table lookups: far faster than per-group logic.
+        code = ((block != 0).to(torch.int32) << torch.arange(m, device=dense.device, dtype=torch.int32)).sum(
+            -1, dtype=torch.int32
+        )
+        table, table_counts = (t.to(dense.device) for t in _kept_table(n, m))
+        counts = table_counts[code]
+        if int(counts.max()) > n:
             row, group = (int(i) for i in (counts > n).nonzero()[0])
             raise PackedFormatError(
                 f"{name}: row {start + row}, columns {group * m}..{group * m + m - 1} hold "
                 f"{int(counts[row, group])} non-zeros; {n}:{m} keeps at most {n} of every {m}"
             )
-        kept = _kept_indices(nonzero, n, m)
+        kept = table[code]
         values[start : start + step] = _positive_zero(block.gather(-1, kept)).reshape(-1, per_row)
         flat = torch.zeros(count, words * per_word, dtype=torch.int32, device=dense.device)
         flat[:, :per_row] = kept.reshape(count, per_row).to(torch.int32)
@@ -281,7 +295,7 @@ def validate_nm(packed: PackedNM, name: str = "tensor") -> None:
         if n > 1:
             bad[..., 1:] |= idx[..., 1:] <= idx[..., :-1]
         if bool(bad.any()):
-            row, group, slot = (int(i) for i in bad.nonzero()[0])
+            row, group, _ = (int(i) for i in bad.nonzero()[0])
             raise PackedFormatError(
                 f"{name}.meta: row {start + row}, group {group}: kept indices {idx[row, group].tolist()} are "
                 f"not strictly increasing indices below M = {m}"
@@ -337,7 +351,9 @@ def validate_bitmask(packed: PackedBitmask, name: str = "tensor") -> None:
     if cols % 8 and rows:
         padding = packed.bitmask[:, -1].to(torch.int32) >> (cols % 8)
         if bool(padding.any()):
-            raise PackedFormatError(f"{name}.bitmask: row {int(padding.nonzero()[0])} sets bits beyond column {cols}")
+            raise PackedFormatError(
+                f"{name}.bitmask: row {int(padding.nonzero()[0])} sets bits beyond column {cols}"
+            )
     offsets = packed.row_offsets
     if int(offsets[0]) != 0 or int(offsets[-1]) != packed.values.numel():
         raise PackedFormatError(
@@ -362,11 +378,15 @@ def _check_shape(shape: tuple[int, int], name: str) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _expect(t: torch.Tensor, name: str, part: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+def _expect(
+    t: torch.Tensor, name: str, part: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]
+) -> None:
     if tuple(t.shape) != shape:
         raise PackedFormatError(f"{name}.{part}: expected shape {shape}; got {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        raise PackedFormatError(f"{name}.{part}: expected dtype {' or '.join(map(str, dtypes))}; got {t.dtype}")
+        raise PackedFormatError(
+            f"{name}.{part}: expected dtype {' or '.join(map(str, dtypes))}; got {t.dtype}"
+        )
 
 
 def layout_for(n: int, m: int) -> str:

@@ -88,13 +88,19 @@ class InputStats:
 
 
 def _solve_layers(
-    layers: dict[str, nn.Linear], stats: InputStats | None, targets: dict[str, float], request: PruneRequest
+    layers: dict[str, nn.Linear],
+    stats: InputStats | None,
+    targets: dict[str, float],
+    masters: dict[str, torch.Tensor],
+    request: PruneRequest,
 ) -> list[LayerResult]:
+    """Solve each layer on its master weight (storage precision), replacing it in `masters`; the
+    block's own weight (compute precision) gets the pruned values for the forward passes after."""
     pattern: Pattern = request.parsed_pattern
     results = []
     for name, layer in layers.items():
         start = time.perf_counter()
-        weight = layer.weight.data
+        weight = masters[name]
         acc = stats.of(name) if stats is not None else None
         hessian = acc.hessian if isinstance(acc, HessianAccumulator) else None
         sq_norm = acc.sq_norm if isinstance(acc, InputNormAccumulator) else None
@@ -109,9 +115,10 @@ def _solve_layers(
             damp=request.sparsegpt.damp,
         )
         error = layer_error(weight, pruned, hessian) if hessian is not None else None
-        weight.copy_(pruned)
+        masters[name] = pruned
+        layer.weight.data.copy_(pruned)
         results.append(
-            LayerResult(name, tuple(weight.shape), targets[name], achieved_sparsity(weight), error,
+            LayerResult(name, tuple(pruned.shape), targets[name], achieved_sparsity(pruned), error,
                         time.perf_counter() - start)
         )
     return results
@@ -136,27 +143,32 @@ def prune_block(
     block: nn.Module,
     layers: dict[str, nn.Linear],
     targets: dict[str, float],
+    masters: dict[str, torch.Tensor],
     batches: list[Batch],
     request: PruneRequest,
     device: torch.device,
 ) -> tuple[list[LayerResult], list[torch.Tensor]]:
-    """Prune `layers` (a subset of the block's linears) in place; return results and dense outputs.
+    """Prune `layers` (a subset of the block's linears); return results and the dense outputs.
+
+    `masters` holds each layer's weight in storage precision (the block may compute in bf16); the
+    solvers work on those and leave the pruned weights in it.
 
     The dense outputs of the block (from the first statistics pass, before any weight changed)
     come back so the caller can measure the pruned block's output error against them.
     """
     kind = "hessian" if request.method == "sparsegpt" else "norms"
     if request.method == "magnitude" or not batches:
-        return _solve_layers(layers, None, targets, request), []
+        return _solve_layers(layers, None, targets, masters, request), []
     dense_outputs: list[torch.Tensor] = [torch.empty(0)] * len(batches)
     stats = collect(block, layers, kind, batches, device, dense_outputs)
     if not request.true_sequential:
-        return _solve_layers(layers, stats, targets, request), dense_outputs
+        return _solve_layers(layers, stats, targets, masters, request), dense_outputs
     # True sequential: each later group of layers sharing an input gets statistics gathered after
     # the groups before it were pruned, so its solve sees the inputs the pruned block will produce.
     groups = stats.groups or []
-    results = _solve_layers({name: layers[name] for name in groups[0]}, stats, targets, request)
+    results = _solve_layers({name: layers[name] for name in groups[0]}, stats, targets, masters, request)
     for group in groups[1:]:
         subset = {name: layers[name] for name in group}
-        results += _solve_layers(subset, collect(block, subset, kind, batches, device), targets, request)
+        stats = collect(block, subset, kind, batches, device)
+        results += _solve_layers(subset, stats, targets, masters, request)
     return results, dense_outputs

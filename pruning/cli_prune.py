@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
     prune.add_argument("--true-sequential", action="store_true")
     prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    prune.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     prune.add_argument("--formats", default="dense", help="comma list of: dense, packed")
     prune.add_argument("--benchmark", action="store_true", help="time the pruned layers' kernels")
@@ -81,7 +82,7 @@ def _request_from_args(args: argparse.Namespace) -> Any:
                                     text_column=args.text_column, batch_size=args.batch_size),
         evaluation=EvaluationSpec(enabled=not args.no_eval, source=args.eval_source, seqlen=args.eval_seqlen,
                                   max_tokens=args.eval_tokens),
-        overrides=overrides, true_sequential=args.true_sequential, dtype=args.dtype, device=args.device,
+        overrides=overrides, true_sequential=args.true_sequential, dtype=args.dtype, compute_dtype=args.compute_dtype, device=args.device,
         formats=[f.strip() for f in args.formats.split(",") if f.strip()], benchmark=args.benchmark,
     )
     if args.owl:

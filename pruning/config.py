@@ -99,7 +99,10 @@ class PruneRequest(Strict):
     owl: OwlSpec | None = None
     true_sequential: bool = False
     sparsegpt: SparseGPTSpec = SparseGPTSpec()
-    dtype: DType = "auto"
+    dtype: DType = Field("auto", description="dtype of the output weights; 'auto' keeps the model's")
+    compute_dtype: DType = Field(
+        "auto", description="dtype of block forwards; 'auto' is bf16 on GPUs and on CPUs with AMX/AVX512-BF16"
+    )
     device: Device = "auto"
     formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
     benchmark: bool = False
@@ -161,4 +164,7 @@ class EngineOptions(Strict):
     uploads_dir: str | None = Field(None, description="where 'upload:<id>' calibration files live")
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    max_shard_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30
+    allow_local_paths: bool = Field(
+        True, description="calibration sources may name local files (the server turns this off for HTTP users)"
+    )
+    max_shard_bytes: Annotated[int, Field(ge=1 << 12)] = 2 << 30

@@ -31,6 +31,15 @@ from pruning.streaming import Batch, capture_inputs, run_block
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (about 6x on Sapphire Rapids)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise InvalidRequest("device 'cuda' requested but no CUDA GPU is available here; use 'auto' or 'cpu'")
@@ -144,14 +153,15 @@ class _Job:
         return model, skeleton, tokenizer
 
     def _compute_dtype(self, model: ResolvedModel, device: torch.device) -> torch.dtype:
-        if device.type == "cpu":
-            return torch.float32  # CPU matmuls in half precision are slow and lose accuracy
-        if self.request.dtype != "auto":
-            return _DTYPES[self.request.dtype]
+        """The dtype of block forwards (statistics stay fp32 and solves run on the stored weights)."""
+        if self.request.compute_dtype != "auto":
+            return _DTYPES[self.request.compute_dtype]
+        if device.type == "cpu" and not cpu_has_fast_bf16():
+            return torch.float32
         from pruning.checkpoint import Checkpoint
 
         source = Checkpoint(model.path).dominant_dtype()
-        return torch.float16 if source == torch.float16 else torch.bfloat16
+        return torch.float16 if source == torch.float16 and device.type == "cuda" else torch.bfloat16
 
     def _output_dtype(self, skeleton: Skeleton) -> torch.dtype | None:
         return None if self.request.dtype == "auto" else _DTYPES[self.request.dtype]
@@ -167,7 +177,8 @@ class _Job:
         evaluation = request.evaluation if request.evaluation.enabled else None
         generate = self_sampler(model.path, skeleton.device, skeleton.dtype)
         uploads = Path(self.options.uploads_dir) if self.options.uploads_dir else None
-        windows = load_windows(request.calibration, evaluation, tokenizer, uploads_dir=uploads, generate=generate)
+        windows = load_windows(request.calibration, evaluation, tokenizer, uploads_dir=uploads, generate=generate,
+                               allow_local_paths=self.options.allow_local_paths)
         store = skeleton.device
         calib: list[Batch] = []
         if request.method != "magnitude" or request.owl is not None:
@@ -215,7 +226,8 @@ class _Job:
                     batch.hidden = run_block(block, batch, device)
                 layers = {n: m for n, m in skeleton.linear_layers(index).items() if targets[n] is not None}
                 chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
-                results, dense_out = prune_block(block, layers, chosen, calib, self.request, device)
+                masters = self._masters(skeleton, layers)
+                results, dense_out = prune_block(block, layers, chosen, masters, calib, self.request, device)
                 squared_error = squared_norm = 0.0
                 for position, batch in enumerate(calib):
                     out = run_block(block, batch, device)
@@ -225,7 +237,7 @@ class _Job:
                     batch.hidden = out
                 for batch in pruned_eval:
                     batch.hidden = run_block(block, batch, device)
-            self._write_block(skeleton, index, writer, {r.name + ".weight" for r in results})
+            self._write_block(skeleton, index, writer, {n + ".weight": w for n, w in masters.items()})
             skeleton.release_block(index)
             all_layers += results
             output_error = squared_error / squared_norm if squared_norm else None
@@ -236,12 +248,19 @@ class _Job:
                                 data={"output_error": output_error}))
         return all_layers, blocks
 
-    def _write_block(self, skeleton: Skeleton, index: int, writer: ShardWriter, pruned: set[str]) -> None:
-        params = dict(skeleton.blocks[index].named_parameters(prefix=f"{skeleton.blocks_prefix}.{index}"))
+    def _masters(self, skeleton: Skeleton, layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+        """The layers' weights as stored (the solve's input), cast to the output dtype if one is set."""
+        loaded = skeleton.checkpoint.load([n + ".weight" for n in layers], skeleton.device)
+        dtype = self._output_dtype(skeleton)
+        return {n: loaded[n + ".weight"].to(dtype or loaded[n + ".weight"].dtype) for n in layers}
+
+    def _write_block(
+        self, skeleton: Skeleton, index: int, writer: ShardWriter, pruned: dict[str, torch.Tensor]
+    ) -> None:
         names = _block_names(skeleton, index)
         originals = skeleton.checkpoint.load([n for n in names if n not in pruned])
         for name in names:
-            writer.write(name, params[name].data if name in pruned else originals[name])
+            writer.write(name, pruned[name] if name in pruned else originals[name])
 
 
 def _outside_names(skeleton: Skeleton) -> list[str]:

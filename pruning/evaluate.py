@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pruning.skeleton import Skeleton, build_skeleton
 from pruning.streaming import Batch, capture_inputs, head_logits, run_block
 
-LOGITS_BUDGET_BYTES = 256 << 20
+LOGITS_BUDGET_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ def lowest_k_mask(scores: Tensor, k: int, dim: int) -> Tensor:
     below = scores < threshold
     missing = k - below.sum(dim=dim, keepdim=True)
     ties = scores == threshold
+    if bool((ties.sum(dim=dim, keepdim=True) == missing).all()):  # the usual case: no tie to split
+        return below | ties
     return below | (ties & (torch.cumsum(ties, dim=dim) <= missing))
 
 

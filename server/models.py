@@ -79,8 +79,9 @@ class JobEvent(Base):
     __tablename__ = "job_events"
     __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"))
     # Per-job, gap-free and increasing: the event id clients see (SSE ids, cursors).
     seq: Mapped[int] = mapped_column(Integer)

@@ -20,8 +20,18 @@ from pruning.config import EngineOptions
 
 # Passed on to workers; the token and the listen address stay with the API process.
 _WORKER_FIELDS = (
-    "data_dir", "store_url", "lease_seconds", "heartbeat_seconds", "min_free_disk_bytes", "model_dirs",
-    "text_dirs", "cache_dir", "allow_pickle", "trust_remote_code", "max_shard_bytes", "worker_nice",
+    "data_dir",
+    "store_url",
+    "lease_seconds",
+    "heartbeat_seconds",
+    "min_free_disk_bytes",
+    "model_dirs",
+    "text_dirs",
+    "cache_dir",
+    "allow_pickle",
+    "trust_remote_code",
+    "max_shard_bytes",
+    "worker_nice",
 )
 
 
@@ -69,7 +79,11 @@ class Settings(BaseSettings):
     text_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="folders whose local text files jobs may use for calibration"
     )
-    cache_dir: Path | None = None
+    cache_dir: Path | None = Field(
+        None,
+        description="model cache; default: the engine's ($SHEARS_HOME/models "
+        "or ~/.cache/shears/models), shared with `shears models prepare`",
+    )
     allow_pickle: bool = False
     trust_remote_code: bool = False
     max_shard_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30
@@ -77,6 +91,11 @@ class Settings(BaseSettings):
         5, description="niceness added to workers so the API stays responsive on a shared CPU"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token(cls, value: Any) -> Any:
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @field_validator("model_dirs", "text_dirs", mode="before")
     @classmethod
@@ -107,22 +126,22 @@ class Settings(BaseSettings):
     def uploads_dir(self) -> Path:
         return self.data_dir.resolve() / "uploads"
 
-    @property
-    def models_cache_dir(self) -> Path:
-        return (self.cache_dir or self.data_dir / "models").resolve()
-
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
-            cache_dir=str(self.models_cache_dir), uploads_dir=str(self.uploads_dir),
-            allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code,
+            cache_dir=str(self.cache_dir.resolve()) if self.cache_dir else None,
+            uploads_dir=str(self.uploads_dir),
+            allow_pickle=self.allow_pickle,
+            trust_remote_code=self.trust_remote_code,
             max_shard_bytes=self.max_shard_bytes,
         )
 
     def startup_problem(self) -> str | None:
         """Why the server must not start with these settings, or None."""
         if not is_loopback(self.host) and not (self.token and self.token.get_secret_value()):
-            return (f"refusing to bind {self.host}: a bearer token is required on any non-loopback address "
-                    "(set SHEARS_TOKEN or --token)")
+            return (
+                f"refusing to bind {self.host}: a bearer token is required on any non-loopback address "
+                "(set SHEARS_TOKEN or --token)"
+            )
         return None
 
     def worker_env(self) -> dict[str, str]:

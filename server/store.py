@@ -22,7 +22,18 @@ from sqlalchemy.orm import Session
 
 from server.db import BEGIN_OPTION, make_engine
 from server.models import (
-    ACTIVE, CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobEvent, Upload, utcnow,
+    ACTIVE,
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Job,
+    JobEvent,
+    Upload,
+    utcnow,
 )
 
 
@@ -76,33 +87,70 @@ class Store:
     # -- events ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _append_event(session: Session, job_id: str, attempt: int, kind: str, *, phase: str | None = None,
-                      done: int | None = None, total: int | None = None, message: str = "",
-                      data: dict[str, Any] | None = None) -> int:
+    def _append_event(
+        session: Session,
+        job_id: str,
+        attempt: int,
+        kind: str,
+        *,
+        phase: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> int:
         # The job row is locked first (PostgreSQL; SQLite's write lock covers it), so seq is gap-free.
         session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
         seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0) + 1
-        session.add(JobEvent(job_id=job_id, seq=seq, attempt=attempt, created_at=utcnow(), kind=kind,
-                             phase=phase, done=done, total=total, message=message, data=data or {}))
+        session.add(
+            JobEvent(
+                job_id=job_id,
+                seq=seq,
+                attempt=attempt,
+                created_at=utcnow(),
+                kind=kind,
+                phase=phase,
+                done=done,
+                total=total,
+                message=message,
+                data=data or {},
+            )
+        )
         return seq
 
     def _state_event(self, session: Session, job: Job, status: str, message: str, **data: Any) -> None:
-        self._append_event(session, job.id, job.attempt, "state", message=message, data={"status": status, **data})
+        self._append_event(
+            session, job.id, job.attempt, "state", message=message, data={"status": status, **data}
+        )
 
     def events(self, job_id: str, after: int = 0, limit: int = 500) -> list[JobEvent]:
         with self._read() as session:
-            query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
-                     .order_by(JobEvent.seq).limit(limit))
+            query = (
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+                .order_by(JobEvent.seq)
+                .limit(limit)
+            )
             return list(session.scalars(query))
 
-    def add_event(self, job_id: str, attempt: int, kind: str, *, phase: str | None = None,
-                  done: int | None = None, total: int | None = None, message: str = "",
-                  data: dict[str, Any] | None = None) -> bool:
+    def add_event(
+        self,
+        job_id: str,
+        attempt: int,
+        kind: str,
+        *,
+        phase: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> bool:
         """A worker's event; also moves the job's phase and progress. False: the attempt is not the owner."""
         now = utcnow()
         with self._write() as session:
-            job = session.scalar(select(Job).where(Job.id == job_id, Job.attempt == attempt,
-                                                   Job.status.in_(ACTIVE)))
+            job = session.scalar(
+                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+            )
             if job is None:
                 return False
             if kind == "phase" and phase:
@@ -113,14 +161,29 @@ class Store:
                     job.phase, job.phase_started_at = phase, now
                 job.progress_done, job.progress_total = done, total
             job.updated_at = now
-            self._append_event(session, job_id, attempt, kind, phase=phase, done=done, total=total,
-                               message=message, data=data)
+            self._append_event(
+                session,
+                job_id,
+                attempt,
+                kind,
+                phase=phase,
+                done=done,
+                total=total,
+                message=message,
+                data=data,
+            )
             return True
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    def create_job(self, request: dict[str, Any], *, max_attempts: int, idempotency_key: str | None = None,
-                   queue_cap: int | None = None) -> tuple[Job, bool]:
+    def create_job(
+        self,
+        request: dict[str, Any],
+        *,
+        max_attempts: int,
+        idempotency_key: str | None = None,
+        queue_cap: int | None = None,
+    ) -> tuple[Job, bool]:
         """Queue a job; returns (job, created). The same Idempotency-Key and request return the first job."""
         digest = request_hash(request)
         for _ in range(3):
@@ -134,12 +197,23 @@ class Store:
             try:
                 with self._write() as session:
                     if queue_cap is not None:
-                        depth = session.scalar(select(func.count()).select_from(Job).where(Job.status == QUEUED))
+                        depth = session.scalar(
+                            select(func.count()).select_from(Job).where(Job.status == QUEUED)
+                        )
                         if depth >= queue_cap:
                             raise QueueFull(depth)
-                    job = Job(id=new_id("j"), status=QUEUED, request=request, request_hash=digest,
-                              idempotency_key=idempotency_key, attempt=0, max_attempts=max_attempts,
-                              cancel_requested=False, created_at=now, updated_at=now)
+                    job = Job(
+                        id=new_id("j"),
+                        status=QUEUED,
+                        request=request,
+                        request_hash=digest,
+                        idempotency_key=idempotency_key,
+                        attempt=0,
+                        max_attempts=max_attempts,
+                        cancel_requested=False,
+                        created_at=now,
+                        updated_at=now,
+                    )
                     session.add(job)
                     session.flush()
                     self._state_event(session, job, QUEUED, "queued")
@@ -156,7 +230,9 @@ class Store:
         with self._read() as session:
             return session.get(Job, job_id)
 
-    def list_jobs(self, *, status: str | None = None, before_id: str | None = None, limit: int = 50) -> list[Job]:
+    def list_jobs(
+        self, *, status: str | None = None, before_id: str | None = None, limit: int = 50
+    ) -> list[Job]:
         """Newest first; `before_id` is the last id of the previous page."""
         query = select(Job).order_by(Job.id.desc()).limit(limit)
         if status is not None:
@@ -174,8 +250,11 @@ class Store:
     def durations(self) -> list[tuple[str, float]]:
         """(status, seconds from start to finish) of every finished job that started."""
         with self._read() as session:
-            rows = session.execute(select(Job.status, Job.started_at, Job.finished_at)
-                                   .where(Job.status.in_(TERMINAL), Job.started_at.is_not(None)))
+            rows = session.execute(
+                select(Job.status, Job.started_at, Job.finished_at).where(
+                    Job.status.in_(TERMINAL), Job.started_at.is_not(None)
+                )
+            )
             return [(s, (end - start).total_seconds()) for s, start, end in rows if end is not None]
 
     def request_cancel(self, job_id: str) -> Job | None:
@@ -214,16 +293,32 @@ class Store:
             active = session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE)))
             if active >= capacity:
                 return None
-            candidate = session.scalar(select(Job.id).where(Job.status == QUEUED).order_by(Job.id).limit(1)
-                                       .with_for_update(skip_locked=True))
+            candidate = session.scalar(
+                select(Job.id)
+                .where(Job.status == QUEUED)
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
             if candidate is None:
                 return None
             claimed = session.execute(
-                update(Job).where(Job.id == candidate, Job.status == QUEUED).values(
-                    status=RUNNING, attempt=Job.attempt + 1, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    heartbeat_at=None, started_at=func.coalesce(Job.started_at, now), phase=None,
-                    phase_started_at=None, progress_done=None, progress_total=None, worker_host=None,
-                    worker_pid=None, updated_at=now)
+                update(Job)
+                .where(Job.id == candidate, Job.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    attempt=Job.attempt + 1,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    heartbeat_at=None,
+                    started_at=func.coalesce(Job.started_at, now),
+                    phase=None,
+                    phase_started_at=None,
+                    progress_done=None,
+                    progress_total=None,
+                    worker_host=None,
+                    worker_pid=None,
+                    updated_at=now,
+                )
             ).rowcount
             if claimed != 1:
                 return None
@@ -234,18 +329,26 @@ class Store:
 
     def record_worker(self, job_id: str, attempt: int, host: str, pid: int) -> bool:
         with self._write() as session:
-            return session.execute(
-                update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
-                .values(worker_host=host, worker_pid=pid, updated_at=utcnow())
-            ).rowcount == 1
+            return (
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                    .values(worker_host=host, worker_pid=pid, updated_at=utcnow())
+                ).rowcount
+                == 1
+            )
 
     def heartbeat(self, job_id: str, attempt: int, lease_seconds: float) -> Heartbeat:
         now = utcnow()
         with self._write() as session:
-            owned = session.execute(
-                update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
-                .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
-            ).rowcount == 1
+            owned = (
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                    .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+                ).rowcount
+                == 1
+            )
             cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
             return Heartbeat(owned=owned, cancel_requested=cancel)
 
@@ -256,13 +359,16 @@ class Store:
     def expired_jobs(self, now: datetime | None = None) -> list[Job]:
         now = now or utcnow()
         with self._read() as session:
-            return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)))
+            return list(
+                session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now))
+            )
 
     def recover_lost(self, job_id: str, attempt: int, reason: str) -> str | None:
         """The attempt's worker is gone: re-queue the job, or fail it with worker_lost after max_attempts."""
         with self._write() as session:
-            job = session.scalar(select(Job).where(Job.id == job_id, Job.attempt == attempt,
-                                                   Job.status.in_(ACTIVE)))
+            job = session.scalar(
+                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+            )
             if job is None:
                 return None
             now = utcnow()
@@ -286,13 +392,23 @@ class Store:
         """A worker interrupted by a server shutdown hands its job back to the queue."""
         return self.recover_lost(job_id, attempt, reason) == QUEUED
 
-    def finish(self, job_id: str, attempt: int, status: str, *, error_code: str | None = None,
-               error_message: str | None = None, manifest: dict[str, Any] | None = None,
-               artifact_dir: str | None = None, model_revision: str | None = None) -> str | None:
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: str,
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        artifact_dir: str | None = None,
+        model_revision: str | None = None,
+    ) -> str | None:
         """The worker's last word. A cancel request wins over any outcome. None: not the owner."""
         with self._write() as session:
-            job = session.scalar(select(Job).where(Job.id == job_id, Job.attempt == attempt,
-                                                   Job.status.in_(ACTIVE)))
+            job = session.scalar(
+                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+            )
             if job is None:
                 return None
             now = utcnow()

@@ -43,7 +43,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' (keep N of M)")
     parser.add_argument("--out", required=True, type=Path, help="where the pruned dense folder goes")
     parser.add_argument("--samples", type=int, default=None, help="first S windows (default: all)")
-    parser.add_argument("--seqlen", type=int, default=None, help="first L tokens of each window (default: all)")
+    parser.add_argument(
+        "--seqlen", type=int, default=None, help="first L tokens of each window (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening fraction")
     parser.add_argument("--block-size", type=int, default=128, help="SparseGPT lazy-batch columns")
@@ -89,8 +91,13 @@ def _modifier(args: argparse.Namespace, model, block_classes: list[str], linear_
     if args.method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-        return SparseGPTModifier(sparsity=sparsity, mask_structure=mask_structure, targets=block_classes,
-                                 dampening_frac=args.damp, block_size=args.block_size)
+        return SparseGPTModifier(
+            sparsity=sparsity,
+            mask_structure=mask_structure,
+            targets=block_classes,
+            dampening_frac=args.damp,
+            block_size=args.block_size,
+        )
     if args.method == "wanda":
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
@@ -98,8 +105,14 @@ def _modifier(args: argparse.Namespace, model, block_classes: list[str], linear_
     if keep_m:
         print(f"llm-compressor 0.14 has no N:M magnitude pruning (pattern {args.pattern})", file=sys.stderr)
         raise SystemExit(NOT_OFFERED)
-    return _one_shot_magnitude_class()(targets=linear_names, init_sparsity=sparsity, final_sparsity=sparsity,
-                                       mask_structure="unstructured", start=0, end=1)
+    return _one_shot_magnitude_class()(
+        targets=linear_names,
+        init_sparsity=sparsity,
+        final_sparsity=sparsity,
+        mask_structure="unstructured",
+        start=0,
+        end=1,
+    )
 
 
 def _one_shot_magnitude_class():
@@ -137,6 +150,14 @@ def _calibration_loader(path: Path, samples: int | None, seqlen: int | None, bat
     return loader, list(ids.shape)
 
 
+def _source_dtype(folder: Path):
+    import torch
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
 def _sparsity(model, names: list[str]) -> tuple[float, int]:
     modules = dict(model.named_modules())
     zeros = total = 0
@@ -151,12 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
+    import llmcompressor
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import llmcompressor
     from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -170,14 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=loader, recipe=modifier, pipeline="independent",
-            num_calibration_samples=shape[0], max_seq_length=shape[1], batch_size=args.batch_size,
-            shuffle_calibration_samples=False, save_compressed=False, output_dir=None)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=loader,
+        recipe=modifier,
+        pipeline="independent",
+        num_calibration_samples=shape[0],
+        max_seq_length=shape[1],
+        batch_size=args.batch_size,
+        shuffle_calibration_samples=False,
+        save_compressed=False,
+        output_dir=None,
+    )
     prune_s = time.perf_counter() - t0
 
     sparsity, layers = _sparsity(model, linear_names)
     t0 = time.perf_counter()
-    # Plain transformers save: a dense folder of zeros, as Shears' "dense" format.
+    # Back to the dense folder's dtype (Shears keeps the source dtype too), then a plain transformers
+    # save: a dense folder with zeros in place, as Shears' "dense" format.
+    model.to(_source_dtype(args.model))
     transformers.PreTrainedModel.save_pretrained(model, args.out)
     tokenizer.save_pretrained(args.out)
     save_s = time.perf_counter() - t0
@@ -191,8 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         "method": args.method,
         "pattern": args.pattern,
         "modifier": type(modifier).__name__,
-        "modifier_args": modifier.model_dump(include={"sparsity", "mask_structure", "dampening_frac",
-                                                      "block_size", "init_sparsity", "final_sparsity"}),
+        "modifier_args": modifier.model_dump(
+            include={
+                "sparsity",
+                "mask_structure",
+                "dampening_frac",
+                "block_size",
+                "init_sparsity",
+                "final_sparsity",
+            }
+        ),
         "calibration_shape": shape,
         "batch_size": args.batch_size,
         "load_s": round(load_s, 3),

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create or update bench/.venv-peers with llm-compressor (see requirements.txt, constraints.txt).
 # Idempotent: a stamp holding the hash of the two files skips the install when nothing changed.
-# Usage: bench/peers/setup_venv.sh [python3]
+# Usage: bench/peers/setup_venv.sh [python3]   (PEERS_VENV=<dir> installs elsewhere)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-venv="$here/../.venv-peers"
+venv="${PEERS_VENV:-$here/../.venv-peers}"
 python="${1:-python3}"
 stamp="$venv/.peers-setup"
 want="$(cat "$here/requirements.txt" "$here/constraints.txt" | sha256sum | cut -d' ' -f1)"

@@ -30,15 +30,20 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, retries: int = DAMP_RET
     """
     scale = hessian.diagonal().abs().mean()
     if not bool(torch.isfinite(hessian).all()):
-        raise RuntimeError("SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)")
+        raise RuntimeError(
+            "SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)"
+        )
     relative = damp
     for attempt in range(retries + 1):
         damped = hessian.clone()
         damped.diagonal().add_(relative * scale)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # K x K buffers are large (784 MiB at K = 14336): free each one early
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if attempt:
                     log.warning("SparseGPT: Hessian needed damping %g (asked for %g)", relative, damp)
@@ -84,18 +89,26 @@ def sparsegpt_prune(
         hinv, _ = inverse_hessian_factor(hess, damp)
         del hess
         # [in, out], a private fp32 copy; dead input columns start at zero.
-        work = weight.detach().to(device=device, dtype=torch.float32).T.clone(memory_format=torch.contiguous_format)
+        work = (
+            weight.detach()
+            .to(device=device, dtype=torch.float32)
+            .T.clone(memory_format=torch.contiguous_format)
+        )
         work.masked_fill_(dead[:, None], 0.0)
         for start in range(0, cols, block_size):
             end = min(start + block_size, cols)
             # Block quotas from the rounded running total: they add up to round(sparsity * numel).
-            quota = None if pattern.structured else round(sparsity * rows * end) - round(sparsity * rows * start)
+            quota = (
+                None if pattern.structured else round(sparsity * rows * end) - round(sparsity * rows * start)
+            )
             _prune_block(work, hinv, start, end, pattern, quota)
         result = work.T.to(weight.dtype).add_(0.0)  # -0.0 (also from a fp16 underflow) -> +0.0
     return result.contiguous()
 
 
-def _prune_block(work: Tensor, hinv: Tensor, start: int, end: int, pattern: Pattern, count: int | None) -> None:
+def _prune_block(
+    work: Tensor, hinv: Tensor, start: int, end: int, pattern: Pattern, count: int | None
+) -> None:
     """Prune input columns [start, end) of `work` [in, out] in place and update the later columns."""
     block = work[start:end]  # a view: updates land in `work`
     hinv_block = hinv[start:end, start:end]

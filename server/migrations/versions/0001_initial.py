@@ -52,7 +52,9 @@ def upgrade() -> None:
     op.create_index("ix_jobs_status_id", "jobs", ["status", "id"])
     op.create_table(
         "job_events",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
         sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("attempt", sa.Integer, nullable=False),

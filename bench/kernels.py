@@ -1,0 +1,148 @@
+"""Kernel table for the Llama-8B linear shapes: Shears' kernels vs dense cuBLAS vs torch semi-structured.
+
+Random bf16 weights, 2:4 and bitmask at 50 / 70 / 90 % sparsity, M in {1, 4, 16, 64, 512, 2048}; CUDA
+events after warm-up, L2 flushed, median of many runs (kernels/timing.py). Writes
+bench/results/kernels-<device>-<date>.json and .png, and prints the table and the issue's targets.
+
+    PYTHONPATH=. .venv/bin/python bench/kernels.py [--m 1 16] [--shapes qo kv] [--layouts 2:4 bitmask90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Run as a script, this file's folder comes first on sys.path and its name shadows the kernels package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from kernels.bench import device_info, kernel_rows, memory_bytes, write_result  # noqa: E402
+from kernels.dispatch import Dispatcher, triton_status  # noqa: E402
+from kernels.formats import PackedWeight, dense_nbytes, pack_bitmask, pack_nm  # noqa: E402
+
+SHAPES = {"qo": (4096, 4096), "kv": (1024, 4096), "up": (14336, 4096), "down": (4096, 14336)}
+LAYOUTS = {"2:4": None, "bitmask50": 0.5, "bitmask70": 0.7, "bitmask90": 0.9}
+M_VALUES = (1, 4, 16, 64, 512, 2048)
+
+
+def random_weight(rows: int, cols: int, layout: str, dtype: torch.dtype, seed: int) -> PackedWeight:
+    """A random weight of the layout, made and packed on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g, device="cuda", dtype=torch.float32) * 0.02
+    sparsity = LAYOUTS[layout]
+    if sparsity is None:
+        order = torch.rand(rows, cols // 4, 4, generator=g, device="cuda").argsort(-1)
+        keep = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device="cuda").scatter_(
+            -1, order[..., :2], True
+        )
+        return pack_nm(torch.where(keep.view(rows, cols), weight, 0.0).to(dtype), 2, 4, layout)
+    keep = torch.rand(rows, cols, generator=g, device="cuda") >= sparsity
+    return pack_bitmask(torch.where(keep, weight, 0.0).to(dtype), layout)
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, as measured: speedups over dense cuBLAS."""
+
+    def speedups(key: str, pick) -> list[float]:
+        return [r[key] for r in rows if pick(r) and r.get(key)]
+
+    decode_24 = speedups("speedup_shears", lambda r: r["pattern"] == "2:4" and r["m"] <= 16)
+    prefill_24 = speedups("speedup_dispatch", lambda r: r["pattern"] == "2:4" and r["m"] >= 512)
+    prefill_kernel = speedups("speedup_shears", lambda r: r["pattern"] == "2:4" and r["m"] >= 512)
+    out: dict[str, Any] = {
+        "2:4 M<=16 Shears vs dense (target >= 1.5)": _spread(decode_24),
+        "2:4 M>=512 dispatch vs dense (target >= 1.0)": _spread(prefill_24),
+        "2:4 M>=512 Shears kernel alone vs dense": _spread(prefill_kernel),
+    }
+    for density, goal in ((0.3, 2.0), (0.1, 4.0)):
+        values = speedups(
+            "speedup_shears",
+            lambda r, d=density: r["layout"] == "bitmask" and r["m"] == 1 and abs(r["density"] - d) < 0.02,
+        )
+        out[f"bitmask {round((1 - density) * 100)}% M=1 Shears vs dense (target >= {goal})"] = _spread(values)
+    out["all outputs correct"] = all(r.get("correct", True) for r in rows)
+    return out
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES))
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or triton_status() is not None:
+        print(
+            f"bench/kernels.py needs a CUDA GPU with triton ({triton_status() or 'no CUDA device'}); "
+            "`shears bench` reports sizes and interpreter checks without one",
+            file=sys.stderr,
+        )
+        return 2
+    dtype = getattr(torch, args.dtype)
+    rows: list[dict[str, Any]] = []
+    sizes: list[dict[str, Any]] = []
+    for seed, (shape_name, layout) in enumerate((s, lay) for s in args.shapes for lay in args.layouts):
+        n, k = SHAPES[shape_name]
+        packed = random_weight(n, k, layout, dtype, seed)
+        sizes.append(
+            {
+                "layer": shape_name,
+                "layout": layout,
+                "shape": [n, k],
+                "dense_bytes": dense_nbytes(packed),
+                "packed_bytes": packed.nbytes,
+                "memory_bytes": memory_bytes(packed),
+                "ratio": packed.nbytes / dense_nbytes(packed),
+            }
+        )
+        found = kernel_rows(shape_name, packed, tuple(args.m), Dispatcher(measure=True), seed=seed)
+        for row in found:
+            row["layout_name"] = layout
+            print(
+                f"{shape_name:>5} {n}x{k} {layout:>10} M={row['m']:<5} "
+                f"shears {row['shears_us'] or 0:8.1f} us "
+                f"dense {row['dense_us'] or 0:8.1f} us semi {row['semi_us'] or 0:8.1f} us "
+                f"x{row['speedup_shears'] or 0:.2f} dispatch={row['dispatch']} ok={row.get('correct')}",
+                flush=True,
+            )
+        rows += found
+        del packed
+        torch.cuda.empty_cache()
+    device = device_info()
+    slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"kernels-{slug}-{date}"
+    result = {
+        "schema": "shears.bench-kernels/1",
+        "device": device,
+        "date": date,
+        "dtype": args.dtype,
+        "m_values": args.m,
+        "kernels": rows,
+        "sizes": sizes,
+        "targets": targets(rows),
+    }
+    write_result(result, stem.with_suffix(".json"), stem.with_suffix(".png"))
+    for name, value in result["targets"].items():
+        print(f"{name}: {value}")
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""`make bench-peers`: Shears against llm-compressor on the same model, tokens and evaluation.
+
+For each (method, pattern) both tools prune the same dense safetensors folder with the same
+calibration token ids (written once to a .safetensors file both read), each in its own child
+process measured from the outside (wall time, peak RSS); every output folder, and the dense model,
+goes through the one perplexity function `pruning.evaluate.perplexity_of_folder` on the same
+held-out windows. Then a width sweep of random-weight Llama-style models shows how prune time and
+peak RSS grow with size. Results: bench/results/peers-<date>.json, .md and .png (+ -scaling.png).
+
+Usage: python -m bench.peers.run [--methods ...] [--patterns ...] [--no-scaling] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psutil
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.peers import report
+from bench.peers.measure import parameter_count, pruned_weight_names
+from bench.peers.tools import (
+    Job,
+    ToolResult,
+    import_floor,
+    peer_import_argv,
+    run_peer,
+    run_shears,
+    shears_import_argv,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_PEER_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
+Method = Literal["sparsegpt", "wanda", "magnitude"]
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="built-in alias or dense folder, as `shears prune` takes")
+    model_name: str | None = Field(None, description="name in the report; default: the model spec")
+    methods: list[Method] = ["sparsegpt", "wanda", "magnitude"]
+    patterns: list[str] = ["unstructured", "2:4"]
+    sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    calibration_source: str = "builtin"
+    samples: Annotated[int, Field(ge=1)] = 64
+    seqlen: Annotated[int, Field(ge=8)] = 512
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    eval_seqlen: Annotated[int, Field(ge=8)] = 512
+    eval_tokens: Annotated[int, Field(ge=64)] = 20480
+    peer_python: Path | None = Field(DEFAULT_PEER_PYTHON, description="None or missing: Shears side only")
+    work_dir: Path = REPO / "bench" / "work" / "peers"
+    results_dir: Path = REPO / "bench" / "results"
+    tag: str | None = Field(None, description="results file suffix; default: today's date")
+    keep_outputs: bool = False
+    scaling_widths: list[int] = [512, 1024, 2048]
+    scaling_layers: Annotated[int, Field(ge=1)] = 8
+    scaling_ffn_ratio: Annotated[int, Field(ge=1)] = 4
+    scaling_samples: Annotated[int, Field(ge=1)] = 16
+    scaling_method: Method = "sparsegpt"
+    scaling_pattern: str = "unstructured"
+
+    @property
+    def peer_available(self) -> bool:
+        return self.peer_python is not None and self.peer_python.is_file()
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_ids(path: Path, ids: torch.Tensor) -> Path:
+    from calibration import save_windows
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_windows(path, ids)
+    return path
+
+
+class Bench:
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.work = config.work_dir
+        self.tag = config.tag or dt.date.today().isoformat()
+        self.json_path = config.results_dir / f"peers-{self.tag}.json"
+        self.data: dict[str, Any] = {}
+
+    def log(self, message: str) -> None:
+        print(f"[bench-peers] {message}", file=sys.stderr, flush=True)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from transformers import AutoTokenizer
+
+        from calibration import load_windows
+        from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
+        from pruning.evaluate import perplexity_of_folder
+        from pruning.manifest import versions
+        from pruning.models import resolve_model
+
+        config = self.config
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.dense = resolve_model(config.model, None, EngineOptions()).path
+        self.log(f"dense folder {self.dense}")
+        tokenizer = AutoTokenizer.from_pretrained(self.dense)
+        windows = load_windows(
+            CalibrationSpec(source=config.calibration_source, samples=config.samples, seqlen=config.seqlen),
+            EvaluationSpec(seqlen=config.eval_seqlen, max_tokens=config.eval_tokens),
+            tokenizer,
+        )
+        assert windows.evaluation is not None
+        self.calibration_ids = windows.calibration
+        self.eval_ids = windows.evaluation
+        self.calib_path = _save_ids(
+            self.work / f"calib-{config.samples}x{config.seqlen}.safetensors", windows.calibration
+        )
+        self.weight_names = pruned_weight_names(self.dense)
+        self.log(f"{len(self.weight_names)} decoder-block Linear weights; evaluating the dense model")
+        dense_ppl = perplexity_of_folder(self.dense, self.eval_ids)
+        self.data = {
+            "benchmark": "shears-vs-llm-compressor",
+            "date": self.tag,
+            "machine": machine_info(),
+            "tools": {"shears": versions(), "llm-compressor": {}},
+            "model": {
+                "name": config.model_name or config.model,
+                "spec": config.model,
+                "folder": str(self.dense),
+                "parameters": parameter_count(self.dense),
+                "pruned_weights": len(self.weight_names),
+            },
+            "calibration": {
+                "source": config.calibration_source,
+                "samples": int(windows.calibration.shape[0]),
+                "seqlen": int(windows.calibration.shape[1]),
+                "batch_size": config.batch_size,
+                "file": str(self.calib_path),
+                "sha256": _sha256(self.calib_path),
+                "info": windows.info,
+            },
+            "evaluation": {
+                "function": "pruning.evaluate.perplexity_of_folder",
+                "seqlen": dense_ppl.seqlen,
+                "windows": dense_ppl.windows,
+                "tokens": dense_ppl.tokens,
+                "source": windows.info.get("evaluation_source"),
+                "holdout": windows.info.get("evaluation_holdout"),
+            },
+            "dense": dense_ppl.to_dict(),
+            "settings": {
+                "sparsity": config.sparsity,
+                "sparsegpt_damp": 0.01,
+                "sparsegpt_block_size": 128,
+                "device": "cpu",
+                "compute_dtype": "float32",
+                "peer_modifiers": "SparseGPTModifier / WandaPruningModifier targeting the decoder "
+                "blocks; MagnitudePruningModifier (init = final sparsity) with its "
+                "mask applied at finalize (see run_llmcompressor.py)",
+            },
+            "measures": report.MEASURES,
+            "config": config.model_dump(mode="json"),
+            "harness_command": [sys.executable, *sys.argv],
+            "commands": [],
+            "rows": [],
+            "import_floor": self._import_floors(),
+            "scaling": None,
+        }
+        self.log(f"dense perplexity {dense_ppl.ppl:.3f} ({dense_ppl.windows} x {dense_ppl.seqlen} tokens)")
+
+    def _import_floors(self) -> dict[str, Any] | None:
+        floors = {"shears": import_floor(shears_import_argv(), self.work / "logs" / "import-shears.log")}
+        if not self.config.peer_available:
+            return floors
+        assert self.config.peer_python is not None
+        floors["llm-compressor"] = import_floor(
+            peer_import_argv(self.config.peer_python), self.work / "logs" / "import-peer.log"
+        )
+        return floors
+
+    # -- runs --------------------------------------------------------------------------------------
+    def _both(
+        self, job: Job, name: str, weight_names: list[str], evaluate: bool
+    ) -> tuple[ToolResult, ToolResult]:
+        from pruning.evaluate import perplexity_of_folder
+
+        results = []
+        for tool in ("shears", "peer"):
+            out, log = self.work / "out" / f"{name}-{tool}", self.work / "logs" / f"{name}-{tool}.log"
+            load = [round(x, 2) for x in os.getloadavg()]
+            if tool == "shears":
+                self.log(f"{name}: Shears")
+                result = run_shears(job, out, log, weight_names)
+            elif self.config.peer_available:
+                assert self.config.peer_python is not None
+                self.log(f"{name}: llm-compressor")
+                result = run_peer(job, out, log, weight_names, self.config.peer_python)
+            else:
+                result = ToolResult(
+                    tool="llm-compressor",
+                    status="not_offered",
+                    note=f"peer venv missing ({self.config.peer_python}); run make bench-peers",
+                )
+            result.details["loadavg_before"] = load
+            if "argv" in result.details:
+                command = {"run": name, "tool": result.tool, "argv": result.details["argv"]}
+                self.data["commands"].append(command)
+            if result.status == "ok" and evaluate:
+                result.ppl = perplexity_of_folder(out, self.eval_ids).ppl
+            if result.status == "ok" and not self.config.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
+            self.log(
+                f"{name}: {result.tool} {result.status} prune_s={result.prune_s} "
+                f"rss={result.peak_rss_mb} sparsity={result.sparsity} ppl={result.ppl} {result.note[:200]}"
+            )
+            results.append(result)
+        return results[0], results[1]
+
+    def _job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
+        from pruning.config import Pattern
+
+        structured = Pattern.parse(pattern).sparsity
+        return Job(
+            model=model,
+            calib=calib,
+            method=method,
+            pattern=pattern,
+            sparsity=structured if structured is not None else self.config.sparsity,
+            samples=samples,
+            seqlen=self.config.seqlen,
+            batch_size=self.config.batch_size,
+        )
+
+    def run_rows(self) -> None:
+        for method in self.config.methods:
+            for pattern in self.config.patterns:
+                job = self._job(method, pattern, self.dense, self.calib_path, self.config.samples)
+                shears, peer = self._both(
+                    job, f"{method}-{pattern.replace(':', 'of')}", self.weight_names, True
+                )
+                if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
+                    self.data["tools"]["llm-compressor"] = {
+                        k: peer.details[k] for k in ("version", "transformers", "torch") if k in peer.details
+                    }
+                self.data["rows"].append(report.make_row(method, pattern, shears, peer))
+                self.write()
+
+    def run_scaling(self) -> None:
+        from bench.peers.synthetic import synthetic_llama
+
+        config = self.config
+        if not config.scaling_widths:
+            return
+        calib = _save_ids(
+            self.work / f"calib-{config.scaling_samples}x{config.seqlen}.safetensors",
+            self.calibration_ids[: config.scaling_samples],
+        )
+        self.data["scaling"] = {
+            "description": f"random-weight Llama, {config.scaling_layers} layers, intermediate = "
+            f"{config.scaling_ffn_ratio} x hidden, {config.scaling_method} {config.scaling_pattern}, "
+            f"{config.scaling_samples} x {config.seqlen} calibration tokens",
+            "method": config.scaling_method,
+            "pattern": config.scaling_pattern,
+            "samples": config.scaling_samples,
+            "seqlen": config.seqlen,
+            "layers": config.scaling_layers,
+            "points": [],
+        }
+        for hidden in config.scaling_widths:
+            intermediate = hidden * config.scaling_ffn_ratio
+            self.log(f"synthetic model hidden {hidden} intermediate {intermediate}")
+            folder = synthetic_llama(
+                self.work / "synthetic" / f"h{hidden}-l{config.scaling_layers}",
+                hidden=hidden,
+                intermediate=intermediate,
+                layers=config.scaling_layers,
+                tokenizer_from=self.dense,
+            )
+            names = pruned_weight_names(folder)
+            job = self._job(
+                config.scaling_method, config.scaling_pattern, folder, calib, config.scaling_samples
+            )
+            shears, peer = self._both(job, f"scaling-h{hidden}", names, False)
+            point = {
+                "hidden": hidden,
+                "intermediate": intermediate,
+                "layers": config.scaling_layers,
+                "parameters": parameter_count(folder),
+                "shears": shears.to_dict(),
+                "peer": peer.to_dict(),
+                "time_ratio": report.ratio(shears.prune_s, peer.prune_s),
+                "rss_ratio": report.ratio(shears.peak_rss_mb, peer.peak_rss_mb),
+                "wall_ratio": report.ratio(shears.wall_s, peer.wall_s),
+            }
+            self.data["scaling"]["points"].append(point)
+            self.write()
+
+    # -- output ------------------------------------------------------------------------------------
+    def write(self) -> None:
+        self.data["summary"] = report.summary(self.data["rows"])
+        report.write_json(self.json_path, self.data)
+        self.json_path.with_suffix(".md").write_text(report.markdown(self.data))
+        if self.data["rows"]:
+            report.chart(self.data, self.json_path.with_suffix(".png"))
+        scaling = self.data.get("scaling")
+        if scaling and scaling["points"]:
+            report.scaling_chart(scaling, self.json_path.with_name(f"peers-{self.tag}-scaling.png"))
+
+    def print_ratios(self) -> None:
+        print(f"\nShears / llm-compressor ({self.json_path}):")
+        print(f"{'method':<10} {'pattern':<13} {'ppl':>8} {'prune time':>11} {'peak RSS':>9} {'wall':>7}")
+        for row in self.data["rows"]:
+            cells = [
+                ("-" if row[k] is None else f"{row[k]:.3f}")
+                for k in ("ppl_ratio", "time_ratio", "rss_ratio", "wall_ratio")
+            ]
+            print(
+                f"{row['method']:<10} {row['pattern']:<13} "
+                + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, (8, 11, 9, 7), strict=True))
+            )
+        scaling = self.data.get("scaling")
+        for point in (scaling or {}).get("points", []):
+            cells = [("-" if point[k] is None else f"{point[k]:.3f}") for k in ("time_ratio", "rss_ratio")]
+            print(
+                f"scaling hidden {point['hidden']:<5} ({point['parameters'] / 1e6:.0f}M params): prune time "
+                f"{cells[0]}, peak RSS {cells[1]}"
+            )
+        summary = self.data["summary"]
+        print("targets met: " + ", ".join(f"{k} {v['met']}/{v['of']}" for k, v in summary.items()))
+
+
+def run_benchmark(config: BenchConfig, *, rows: bool = True, scaling: bool = True) -> dict[str, Any]:
+    bench = Bench(config)
+    if not config.peer_available:
+        bench.log(f"no peer venv at {config.peer_python}: Shears side only")
+    bench.prepare()
+    if rows:
+        bench.run_rows()
+    if scaling:
+        bench.run_scaling()
+    bench.write()
+    bench.print_ratios()
+    return bench.data
+
+
+def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
+    defaults = BenchConfig()
+    parser = argparse.ArgumentParser(prog="bench-peers", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument(
+        "--methods", nargs="+", default=defaults.methods, choices=["sparsegpt", "wanda", "magnitude"]
+    )
+    parser.add_argument("--patterns", nargs="+", default=defaults.patterns)
+    parser.add_argument("--samples", type=int, default=defaults.samples)
+    parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
+    parser.add_argument("--peer-python", type=Path, default=defaults.peer_python)
+    parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
+    parser.add_argument("--results-dir", type=Path, default=defaults.results_dir)
+    parser.add_argument("--tag", help="results file suffix (default: today's date)")
+    parser.add_argument(
+        "--keep-outputs", action="store_true", help="keep the pruned folders under --work-dir"
+    )
+    parser.add_argument("--scaling-widths", type=int, nargs="*", default=defaults.scaling_widths)
+    parser.add_argument("--scaling-layers", type=int, default=defaults.scaling_layers)
+    parser.add_argument("--scaling-samples", type=int, default=defaults.scaling_samples)
+    parser.add_argument("--no-rows", action="store_true", help="only the width sweep")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the width sweep")
+    args = parser.parse_args(argv)
+    config = BenchConfig(
+        model=args.model,
+        methods=args.methods,
+        patterns=args.patterns,
+        samples=args.samples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        eval_tokens=args.eval_tokens,
+        peer_python=args.peer_python,
+        work_dir=args.work_dir,
+        results_dir=args.results_dir,
+        tag=args.tag,
+        keep_outputs=args.keep_outputs,
+        scaling_widths=args.scaling_widths,
+        scaling_layers=args.scaling_layers,
+        scaling_samples=args.scaling_samples,
+    )
+    return config, not args.no_rows, not args.no_scaling
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, rows, scaling = _parse(argv)
+    run_benchmark(config, rows=rows, scaling=scaling)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""/v1/calibration: upload a calibration text file; jobs name it as `upload:<id>`.
+
+The body is the file itself (`curl --data-binary @c4.txt -H 'Content-Type: text/plain'
+'.../v1/calibration?filename=c4.txt'`) or a multipart form with one `file` part (`curl -F file=@c4.txt`).
+Either way it is written to a temporary name, size-capped while it streams, checked, fsynced and
+renamed to `<uploads>/<id><suffix>`, the name the engine reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from calibration.sources import SUFFIXES
+from server.deps import SettingsDep, StoreDep
+from server.problems import Problem
+from server.schemas import UploadOut, upload_out
+from server.store import new_id
+
+router = APIRouter(prefix="/v1/calibration", tags=["calibration"])
+_MULTIPART_OVERHEAD = 64 << 10
+_BODY = {
+    "required": True,
+    "content": {
+        "text/plain": {"schema": {"type": "string"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        },
+    },
+}
+
+
+def _suffix(filename: str) -> str:
+    suffix = Path(filename).suffix.lower() or ".txt"
+    if suffix not in SUFFIXES:
+        raise Problem(
+            415,
+            "unsupported_media_type",
+            f"calibration files must end in one of {', '.join(SUFFIXES)}; got {filename!r}",
+        )
+    return suffix
+
+
+def _check_content(path: Path, suffix: str) -> None:
+    """Cheap checks that the file is what its name says, so a bad upload fails here, not in a job."""
+    size = path.stat().st_size
+    if size == 0:
+        raise Problem(422, "invalid_upload", "the uploaded file is empty")
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+        if suffix in (".txt", ".jsonl"):
+            try:
+                data = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise Problem(422, "invalid_upload", f"the file is not UTF-8 text ({exc})") from exc
+            if suffix == ".jsonl":
+                for number, line in enumerate(data.splitlines(), 1):
+                    if line.strip() and not isinstance(_json_or_none(line), dict):
+                        raise Problem(422, "invalid_upload", f"line {number} is not a JSON object")
+        elif suffix == ".parquet":
+            handle.seek(max(0, size - 4))
+            if head[:4] != b"PAR1" or handle.read(4) != b"PAR1":
+                raise Problem(422, "invalid_upload", "the file is not Parquet (no PAR1 magic)")
+        elif suffix == ".safetensors":
+            length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
+            if length + 8 > size or not isinstance(_json_or_none(head[8 : 8 + length]), dict):
+                raise Problem(422, "invalid_upload", "the file is not a safetensors file")
+
+
+def _copy_capped(source: BinaryIO, out: BinaryIO, cap: int, digest: hashlib._Hash) -> int:
+    size = 0
+    while chunk := source.read(1 << 20):
+        size += len(chunk)
+        if size > cap:
+            raise Problem(413, "payload_too_large", f"uploads are capped at {cap} bytes")
+        digest.update(chunk)
+        out.write(chunk)
+    return size
+
+
+def _json_or_none(text: str | bytes) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=UploadOut,
+    openapi_extra={"requestBody": _BODY},
+    summary="Upload a calibration file (size-capped); use the returned `source` in a job",
+)
+async def upload(
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    filename: Annotated[str, Query(min_length=1, max_length=200)] = "upload.txt",
+) -> UploadOut:
+    cap = settings.upload_max_bytes
+    declared = request.headers.get("content-length")
+    content_type = request.headers.get("content-type", "")
+    multipart = content_type.startswith("multipart/form-data")
+    if declared is not None and (
+        not declared.isdigit() or int(declared) > cap + (_MULTIPART_OVERHEAD if multipart else 0)
+    ):
+        raise Problem(413, "payload_too_large", f"uploads are capped at {cap} bytes")
+    if multipart and declared is None:
+        raise Problem(411, "length_required", "multipart uploads need a Content-Length; or send the raw body")
+    upload_id = new_id("u")
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    temporary = settings.uploads_dir / f".{upload_id}.partial"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(temporary, "wb") as out:
+            if multipart:
+                form = await request.form(max_files=1, max_fields=2)
+                part = form.get("file")
+                if part is None or isinstance(part, str):
+                    raise Problem(
+                        422, "invalid_upload", "the multipart form needs one file part named 'file'"
+                    )
+                filename = part.filename or filename
+                size = await run_in_threadpool(_copy_capped, part.file, out, cap, digest)
+            else:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > cap:
+                        raise Problem(413, "payload_too_large", f"uploads are capped at {cap} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        suffix = _suffix(filename)
+        await run_in_threadpool(_check_content, temporary, suffix)
+        os.replace(temporary, settings.uploads_dir / f"{upload_id}{suffix}")
+    finally:
+        temporary.unlink(missing_ok=True)
+    record = await run_in_threadpool(
+        store.add_upload, upload_id, Path(filename).name[:255], size, digest.hexdigest()
+    )
+    return upload_out(record)
+
+
+@router.get("/{upload_id}", response_model=UploadOut, summary="An uploaded calibration file's record")
+def get_upload(upload_id: str, store: StoreDep) -> UploadOut:
+    record = store.get_upload(upload_id) if len(upload_id) <= 64 else None
+    if record is None:
+        raise Problem(404, "not_found", f"no upload {upload_id!r}")
+    return upload_out(record)

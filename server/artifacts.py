@@ -1,0 +1,106 @@
+"""A job's output folder: verified against its manifest before the job succeeds, served by manifest name.
+
+Download paths are never joined from a URL: a requested name is looked up in the manifest, and the
+manifest's names were checked here (plain relative names, one folder level at most) when the worker
+verified the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pruning.errors import ShearsError
+
+MANIFEST = "manifest.json"
+_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}"  # fits a ustar header with the job-id prefix
+SAFE_NAME = re.compile(rf"^{_PART}(/{_PART})?$")
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ShearsError):
+    code = "internal"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise ArtifactError("the manifest has no 'files' list")
+    return files
+
+
+def verify_folder(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every manifest file is present with its size and sha256, and nothing else is in the folder."""
+    expected: dict[str, dict[str, Any]] = {}
+    for entry in _entries(manifest):
+        name = entry.get("name")
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name or name == MANIFEST:
+            raise ArtifactError(f"manifest file name {name!r} is not a plain relative name")
+        expected[name] = entry
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise ArtifactError(f"artifact {path.relative_to(folder)} is a symbolic link")
+        found.update(str((Path(root) / name).relative_to(folder)) for name in files)
+    extra = found - set(expected) - {MANIFEST}
+    missing = set(expected) - found
+    if extra or missing or MANIFEST not in found:
+        raise ArtifactError(
+            f"output folder does not match its manifest: extra {sorted(extra)}, "
+            f"missing {sorted(missing | ({MANIFEST} - found))}"
+        )
+    for name, entry in expected.items():
+        path = folder / name
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+            raise ArtifactError(f"artifact {name} does not match its size or sha256 in the manifest")
+
+
+def listing(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's files plus manifest.json itself (hashed here: it cannot list its own hash)."""
+    files = [{"name": e["name"], "size": e["size"], "sha256": e["sha256"]} for e in _entries(manifest)]
+    path = folder / MANIFEST
+    files.append({"name": MANIFEST, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return files
+
+
+def lookup(folder: Path, manifest: dict[str, Any], name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The file a download names, if the manifest lists it; the path comes from the manifest entry."""
+    for entry in listing(folder, manifest):
+        if entry["name"] == name:
+            return folder / entry["name"], entry
+    return None
+
+
+def tar_size(files: list[dict[str, Any]]) -> int:
+    """Bytes of the uncompressed tar `tar_stream` writes (ustar headers, 512-byte blocks, end marker)."""
+    return sum(512 + -(-f["size"] // 512) * 512 for f in files) + 1024
+
+
+def tar_stream(folder: Path, files: list[dict[str, Any]], prefix: str) -> Iterator[bytes]:
+    """An uncompressed tar of the files, streamed (weights do not compress; no temporary copy)."""
+    for entry in files:
+        path = folder / entry["name"]
+        info = tarfile.TarInfo(f"{prefix}/{entry['name']}")
+        info.size, info.mode, info.mtime = entry["size"], 0o644, int(path.stat().st_mtime)
+        yield info.tobuf(format=tarfile.USTAR_FORMAT)
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+        if entry["size"] % 512:
+            yield b"\0" * (512 - entry["size"] % 512)
+    yield b"\0" * 1024

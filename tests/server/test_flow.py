@@ -1,0 +1,136 @@
+"""The full flow against a real server: submit (CLI and API), events, status, downloads, checksums,
+the downloaded folder loaded in transformers with the requested sparsity, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.client import ChecksumError, ShearsClient
+from server.demo import check_sparsity
+from tests.server.conftest import job_request
+
+
+def _raw_get(port: int, path: str) -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("content-type", "")
+    finally:
+        connection.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    request = job_request(model_root / "tiny")
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(request))
+
+    # Submit through the CLI and follow it to the end, as a user would.
+    done = subprocess.run([sys.executable, "-m", "server", "submit", "--url", server.url, "--request",
+                           str(request_file), "--wait"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    job_id = summary["id"]
+    assert summary["status"] == "succeeded" and summary["attempt"] == 1
+    assert "[succeeded]" in done.stderr and "pruning" in done.stderr
+
+    job = client.job(job_id)
+    assert job["request"]["model"] == str(model_root / "tiny")
+    assert job["result"]["perplexity"]["pruned"] > 0 and job["finished_at"] >= job["started_at"]
+    assert job["error"] is None
+
+    # Events: ids increase without gaps; phases in engine order; SSE replays the same ids.
+    events = client.events(job_id)["events"]
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    phases = [e["phase"] for e in events if e["kind"] == "phase"]
+    assert phases[:3] == ["loading", "calibrating", "pruning"] and "verifying" in phases
+    assert events[-1]["kind"] == "state" and events[-1]["data"]["status"] == "succeeded"
+    streamed = list(client.stream_events(job_id, after=3))
+    assert [e["id"] for e in streamed] == [e["id"] for e in events[3:]]
+
+    # Artifacts: listing, downloads with checksums, the folder loads with 2:4 sparsity.
+    listing = client.artifacts(job_id)
+    names = [f["name"] for f in listing["files"]]
+    assert "model.safetensors" in names and "manifest.json" in names and "config.json" in names
+    dest = tmp_path / "download"
+    files = client.download(job_id, dest)
+    for entry in files:
+        assert _sha((dest / entry["name"]).read_bytes()) == entry["sha256"]
+    layers = check_sparsity(dest, listing["manifest"])
+    assert layers and all(abs(mean - 0.5) < 1e-6 for _, mean, _, _ in layers.values())
+
+    weights = next(f for f in listing["files"] if f["name"] == "model.safetensors")
+    url = f"{server.url}/v1/jobs/{job_id}/artifacts/model.safetensors"
+    whole = httpx.get(url)
+    assert whole.status_code == 200 and _sha(whole.content) == weights["sha256"]
+    assert whole.headers["etag"] == f'"{weights["sha256"]}"' and whole.headers["accept-ranges"] == "bytes"
+    part = httpx.get(url, headers={"Range": "bytes=100-1099"})
+    assert part.status_code == 206 and part.content == whole.content[100:1100]
+    assert part.headers["content-range"] == f"bytes 100-1099/{weights['size']}"
+    tail = httpx.get(url, headers={"Range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.content == whole.content[-10:]
+    stale = httpx.get(url, headers={"Range": "bytes=0-9", "If-Range": '"not-the-etag"'})
+    assert stale.status_code == 200 and len(stale.content) == weights["size"]
+    assert httpx.get(url, headers={"If-None-Match": whole.headers["etag"]}).status_code == 304
+    assert httpx.get(url, headers={"Range": f"bytes={weights['size'] + 10}-"}).status_code == 416
+
+    # A resumed download: a truncated .part file is completed with a Range request.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "model.safetensors.part").write_bytes(whole.content[:5000])
+    client.download_file(job_id, weights, resumed)
+    assert (resumed / "model.safetensors").read_bytes() == whole.content
+    # A corrupt .part file fails the checksum (and is removed); the next try starts over and succeeds.
+    (resumed / "model.safetensors").unlink()
+    (resumed / "model.safetensors.part").write_bytes(b"x" * 5000)
+    with pytest.raises(ChecksumError):
+        client.download_file(job_id, weights, resumed)
+    assert _sha(client.download_file(job_id, weights, resumed).read_bytes()) == weights["sha256"]
+
+    # The tar holds every file with the listed checksums.
+    archive = httpx.get(f"{server.url}/v1/jobs/{job_id}/artifacts.tar")
+    assert archive.status_code == 200 and int(archive.headers["content-length"]) == len(archive.content)
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    assert {f"{job_id}/{f['name']}": f["sha256"] for f in listing["files"]} == {
+        name: _sha(data) for name, data in members.items()}
+
+    # Artifact names are looked up in the manifest, never joined into a path (sent raw: httpx would
+    # normalise the dot segments away before they reach the server).
+    for name in ("../../shears.db", "..%2F..%2Fshears.db", "%2e%2e/%2e%2e/shears.db", "/etc/passwd",
+                 "model.safetensors/..", "worker-1.log", "../worker-1.log", "../../../../../../etc/passwd",
+                 "attempt-1/out/config.json", "./config.json", "config.json%00.txt"):
+        status, content_type = _raw_get(server.port, f"/v1/jobs/{job_id}/artifacts/{name}")
+        assert status == 404 and content_type == "application/problem+json", name
+
+    # The CLI downloads too (and keeps files that are already complete).
+    cli = subprocess.run([sys.executable, "-m", "server", "download", "--url", server.url, job_id, str(dest)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+
+    # Metrics count it; delete removes the job, its events and its files.
+    metrics = client.metrics()
+    assert 'shears_jobs{status="succeeded"} 1.0' in metrics
+    assert 'shears_job_duration_seconds_count{status="succeeded"} 1.0' in metrics
+    job_dir = server.data_dir / "jobs" / job_id
+    assert job_dir.is_dir() and not list(job_dir.glob("attempt-*/.out.partial-*"))
+    client.delete(job_id)
+    assert httpx.get(f"{server.url}/v1/jobs/{job_id}").status_code == 404
+    assert not job_dir.exists()

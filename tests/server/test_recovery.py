@@ -1,0 +1,118 @@
+"""Crashes: kill -9 the worker (re-queued, then succeeds; or worker_lost after max_attempts), kill -9 the
+server (the worker carries on and the restarted server adopts it), kill -9 both (re-queued on restart).
+No job is lost and none runs twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from server.client import ShearsClient
+from server.launch import ServerProcess
+from tests.server.conftest import (
+    first_block_done,
+    medium_job,
+    process_gone,
+    wait_for,
+    wait_for_event,
+    worker_pid,
+)
+
+
+def _states(client: ShearsClient, job_id: str) -> list[tuple[int, str]]:
+    events = client.events(job_id)["events"]
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1)), "event ids must be gap-free"
+    return [(e["attempt"], e["data"]["status"]) for e in events if e["kind"] == "state"]
+
+
+def _check_succeeded(client: ShearsClient, server: ServerProcess, job: dict[str, Any], attempt: int) -> None:
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == attempt
+    files = client.artifacts(job["id"])["files"]
+    assert any(f["name"].endswith(".safetensors") for f in files)
+    job_dir = server.data_dir / "jobs" / job["id"]
+    assert sorted(p.name for p in job_dir.glob("attempt-*")) == [f"attempt-{attempt}"]
+    assert not list(job_dir.glob("attempt-*/.*partial*"))
+
+
+def test_killed_worker_is_requeued_and_succeeds(start_server, model_root: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    job = client.submit(medium_job(model_root))
+    wait_for_event(client, job["id"], first_block_done)
+    pid = worker_pid(server, job["id"])
+    os.kill(pid, signal.SIGKILL)
+    final = client.wait(job["id"], timeout=240, poll=0.2)
+    _check_succeeded(client, server, final, attempt=2)
+    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "queued"), (2, "running"),
+                                          (2, "succeeded")]
+    lost = [e for e in client.events(job["id"])["events"] if e["kind"] == "state" and e["attempt"] == 1][-1]
+    assert "worker lost" in lost["message"]
+    second = [e for e in client.events(job["id"])["events"] if e["attempt"] == 2 and e["kind"] == "progress"]
+    assert [e["done"] for e in second] == [1, 2, 3]  # the second attempt started over
+
+
+def test_worker_lost_after_max_attempts(start_server, model_root: Path) -> None:
+    server = start_server("--max-attempts", "1")
+    client = ShearsClient(server.url)
+    job = client.submit(medium_job(model_root))
+    os.kill(worker_pid(server, job["id"]), signal.SIGKILL)
+    final = client.wait(job["id"], timeout=60, poll=0.2)
+    assert final["status"] == "failed" and final["attempt"] == 1
+    assert final["error"]["code"] == "worker_lost"
+    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "failed")]
+    assert not list((server.data_dir / "jobs" / job["id"]).glob("attempt-*"))
+
+
+def test_killed_server_restarts_and_adopts_the_running_worker(start_server, model_root: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    job = client.submit(medium_job(model_root))
+    wait_for_event(client, job["id"], first_block_done)
+    pid = worker_pid(server, job["id"])
+    server.kill()
+    assert not process_gone(pid), "the worker must outlive its server"
+    restarted = start_server(data_dir=server.data_dir, port=server.port)
+    final = client.wait(job["id"], timeout=240, poll=0.2)
+    _check_succeeded(client, restarted, final, attempt=1)
+    assert worker_pid(restarted, job["id"]) == pid
+    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "succeeded")]  # ran once
+    assert wait_for(lambda: process_gone(pid), timeout=30)
+
+
+def test_killed_server_and_worker_requeue_on_restart(start_server, model_root: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    job = client.submit(medium_job(model_root))
+    wait_for_event(client, job["id"], lambda e: e["kind"] == "phase" and e["phase"] == "pruning")
+    pid = worker_pid(server, job["id"])
+    server.kill()
+    os.kill(pid, signal.SIGKILL)
+    restarted = start_server(data_dir=server.data_dir, port=server.port)
+    final = client.wait(job["id"], timeout=240, poll=0.2)
+    _check_succeeded(client, restarted, final, attempt=2)
+    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "queued"), (2, "running"),
+                                          (2, "succeeded")]
+
+
+def test_lease_expiry_requeues_a_silent_worker(tmp_path: Path, model_root: Path) -> None:
+    """A worker on another host (or hung) that stops heartbeating loses its job when the lease ends."""
+    from server.db import migrate
+    from server.dispatcher import Dispatcher
+    from server.executors.local import LocalExecutor
+    from server.settings import Settings
+    from server.store import Store
+
+    settings = Settings(data_dir=tmp_path, lease_seconds=0.5, min_free_disk_bytes=0, max_concurrent_jobs=0)
+    store = Store(settings.resolved_store_url)
+    migrate(store.engine)
+    job = store.create_job({"model": "x"}, max_attempts=2)[0]
+    claimed = store.claim_next(capacity=1, lease_seconds=0.5)
+    store.record_worker(job.id, claimed.attempt, "another-host", 12345)
+    dispatcher = Dispatcher(settings, store, LocalExecutor(settings))
+    dispatcher.tick()
+    assert store.get_job(job.id).status == "running"  # lease still valid, other host: left alone
+    wait_for(lambda: (dispatcher.tick(), store.get_job(job.id).status == "queued")[1], timeout=10, interval=0.2)
+    assert "no heartbeat" in store.events(job.id)[-1].message
