@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m pruning.demo
+	$(BIN)/shears demo
 
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x --timeout 900
@@ -40,5 +40,5 @@ PEERS_VENV := bench/.venv-peers
 BENCH_PEERS_ARGS ?=
 
 bench-peers: setup
-	bench/peers/setup_venv.sh $(PY)
+	bash bench/peers/setup_venv.sh $(PY)
 	$(BIN)/python -m bench.peers.run --peer-python $(PEERS_VENV)/bin/python $(BENCH_PEERS_ARGS)

@@ -77,6 +77,46 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+# Decode models: random weights of the real shapes (speed does not depend on trained values; agreement
+# with the dense-with-zeros model is checked all the same). The GPU box has no GGUF reader for the
+# built-in checkpoint, and a pruned copy is too big to carry there.
+DECODE_MODELS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def decode_model(name: str, layers: int | None, folder: Path, device: str = "cuda") -> Path:
+    """A random bf16 Llama of the named shape, decoder linears magnitude-pruned to 2:4, saved and packed."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels.sparse_file import pack_folder
+
+    settings = dict(DECODE_MODELS[name], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+    if layers:
+        settings["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**settings), dtype=torch.bfloat16)
+    names = []
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in module_name:
+                groups = module.weight.view(module.weight.shape[0], -1, 4)
+                keep = torch.zeros_like(groups, dtype=torch.bool)
+                keep.scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+                module.weight.copy_(torch.where(keep, groups, 0.0).view_as(module.weight))
+                names.append(f"{module_name}.weight")
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    pack_folder(folder, "2:4", names)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=list(M_VALUES))
@@ -84,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--decode", choices=sorted(DECODE_MODELS), help="also time end-to-end decode of this shape"
+    )
+    parser.add_argument("--decode-layers", type=int, help="fewer decoder blocks for --decode (quicker)")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--no-table", action="store_true", help="skip the kernel table (decode only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or triton_status() is not None:
         print(
@@ -95,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     rows: list[dict[str, Any]] = []
     sizes: list[dict[str, Any]] = []
-    for seed, (shape_name, layout) in enumerate((s, lay) for s in args.shapes for lay in args.layouts):
+    pairs = [] if args.no_table else [(s, lay) for s in args.shapes for lay in args.layouts]
+    for seed, (shape_name, layout) in enumerate(pairs):
         n, k = SHAPES[shape_name]
         packed = random_weight(n, k, layout, dtype, seed)
         sizes.append(
             {
                 "layer": shape_name,
                 "layout": layout,
+                "pattern": layout,
                 "shape": [n, k],
                 "dense_bytes": dense_nbytes(packed),
                 "packed_bytes": packed.nbytes,
@@ -134,9 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "m_values": args.m,
         "kernels": rows,
-        "sizes": sizes,
+        "sizes": {"layers": sizes},
         "targets": targets(rows),
     }
+    if args.decode:
+        import tempfile
+
+        from kernels.decode_bench import decode_comparison
+
+        with tempfile.TemporaryDirectory(prefix="shears-decode-") as tmp:
+            folder = decode_model(args.decode, args.decode_layers, Path(tmp) / args.decode)
+            decode = decode_comparison(folder, new_tokens=args.decode_tokens)
+        result["decode"] = {"model": args.decode, "layers": args.decode_layers, **decode}
+        print(
+            f"decode {args.decode}: {decode['packed_tokens_per_s']:.1f} tok/s packed vs "
+            f"{decode['dense_tokens_per_s']:.1f} dense (x{decode['speedup']:.2f}), cuda graphs "
+            f"{decode['cuda_graph']}, tokens agree {decode['tokens_agree']:.0%}"
+        )
     write_result(result, stem.with_suffix(".json"), stem.with_suffix(".png"))
     for name, value in result["targets"].items():
         print(f"{name}: {value}")

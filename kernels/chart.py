@@ -31,9 +31,9 @@ def write_chart(result: dict[str, Any], path: Path) -> str | None:
 def _speedup_chart(plt: Any, rows: list[dict[str, Any]], device: str) -> Any:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(f"{row['layer']} {row['pattern']} {row['shape'][0]}x{row['shape'][1]}", []).append(
-            row
-        )
+        density = row.get("density")
+        kind = row["pattern"] if density is None else f"bitmask {round((1 - density) * 100)}%"
+        groups.setdefault(f"{row['layer']} {kind} {row['shape'][0]}x{row['shape'][1]}", []).append(row)
     cols = min(3, len(groups))
     lines = -(-len(groups) // cols)
     figure, axes = plt.subplots(lines, cols, figsize=(5 * cols, 3.4 * lines), squeeze=False)

@@ -216,10 +216,22 @@ class Dispatcher:
                 )
             except Exception as exc:  # a launch that does not fit this GPU (shared memory, registers)
                 errors[candidate.label] = f"{type(exc).__name__}: {exc}"[:300]
-        if not timings:
-            return Choice("reference", errors=errors)
-        best = min(candidates, key=lambda c: timings.get(c.label, float("inf")))
-        return Choice(best.backend, best.config, timings, errors)
+        # Fastest first; a Triton launch must also agree with the reference before it is trusted.
+        for best in sorted((c for c in candidates if c.label in timings), key=lambda c: timings[c.label]):
+            if best.backend != "triton" or self._agrees(best, x, op, errors):
+                return Choice(best.backend, best.config, timings, errors)
+        return Choice("reference", timings=timings, errors=errors)
+
+    def _agrees(self, candidate: Choice, x: torch.Tensor, op: PackedOperand, errors: dict[str, str]) -> bool:
+        from kernels.selfcheck import tolerance
+
+        got = self.run(candidate, x, op).float()
+        want = packed_matmul_reference(x.float(), op.packed)
+        error = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
+        if error <= 2 * tolerance(x.dtype):
+            return True
+        errors[candidate.label] = f"relative error {error:.3g} against the reference: not used"
+        return False
 
 
 def _run_triton(x: torch.Tensor, op: PackedOperand, config: KernelConfig | None) -> torch.Tensor:

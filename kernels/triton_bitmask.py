@@ -104,7 +104,7 @@ def _bitmask_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced once, after the loop
     t_start = pid_k * tiles_per_split
     t_stop = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     for t in range(t_start, t_stop):
@@ -125,10 +125,10 @@ def _bitmask_gemv_kernel(
         ).to(tl.float32)
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        acc += tl.sum(w * xv[None, :], axis=1)
+        acc += w * xv[None, :]
     tile_id = tl.program_id(1) * tl.num_programs(0) + pid_n
     store_split_k(
-        acc,
+        tl.sum(acc, axis=1),
         out_ptr,
         partial_ptr,
         counter_ptr,

@@ -88,7 +88,7 @@ def _nm_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     local = tl.arange(0, VALUES)
     group_col = (local // NKEEP) * GROUP
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, VALUES), dtype=tl.float32)  # reduced once, after the loop
     t_start = pid_k * tiles_per_split
     t_stop = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     for t in range(t_start, t_stop):
@@ -97,10 +97,10 @@ def _nm_gemv_kernel(
         v = tl.load(vals_ptr + rows[:, None] * stride_v + offs_v[None, :], mask=v_mask, other=0.0)
         idx = _nm_indices(meta_ptr, rows, n_mask, t, stride_meta, words_per_row, VALUES, BITS, BLOCK_N)
         xv = tl.load(x_row + t * BLOCK_K + group_col[None, :] + idx, mask=v_mask, other=0.0)
-        acc += tl.sum(v.to(tl.float32) * xv.to(tl.float32), axis=1)
+        acc += v.to(tl.float32) * xv.to(tl.float32)
     tile_id = tl.program_id(1) * tl.num_programs(0) + pid_n
     store_split_k(
-        acc,
+        tl.sum(acc, axis=1),
         out_ptr,
         partial_ptr,
         counter_ptr,

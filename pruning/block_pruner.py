@@ -15,7 +15,7 @@ from torch import nn
 
 from pruning.config import Pattern, PruneRequest
 from pruning.masks import achieved_sparsity
-from pruning.solvers import layer_error, solve
+from pruning.solvers import PreparedHessian, layer_error, prepare_hessian, solve
 from pruning.stats import HessianAccumulator, InputNormAccumulator
 from pruning.streaming import Batch, run_block
 
@@ -98,12 +98,15 @@ def _solve_layers(
     block's own weight (compute precision) gets the pruned values for the forward passes after."""
     pattern: Pattern = request.parsed_pattern
     results = []
+    prepared: dict[int, PreparedHessian] = {}  # one factorisation per shared input
     for name, layer in layers.items():
         start = time.perf_counter()
         weight = masters[name]
         acc = stats.of(name) if stats is not None else None
         hessian = acc.hessian if isinstance(acc, HessianAccumulator) else None
         sq_norm = acc.sq_norm if isinstance(acc, InputNormAccumulator) else None
+        if hessian is not None and id(acc) not in prepared:
+            prepared[id(acc)] = prepare_hessian(hessian, request.sparsegpt.damp, weight.device)
         pruned = solve(
             request.method,
             weight,
@@ -113,6 +116,7 @@ def _solve_layers(
             input_sq_norm=sq_norm,
             block_size=request.sparsegpt.block_size,
             damp=request.sparsegpt.damp,
+            prepared=prepared.get(id(acc)),
         )
         error = layer_error(weight, pruned, hessian) if hessian is not None else None
         masters[name] = pruned

@@ -14,11 +14,12 @@ What the settings are, and why (the benchmark compares tools, not settings):
 - SparseGPT: dampening_frac 0.01 and block_size 128, the values Shears uses.
 - Calibration: the token ids are handed over as a torch DataLoader (oneshot accepts one and then
   skips its own tokenisation, sampling and truncation), batch size --batch-size, no shuffling, no
-  padding, no attention_mask beyond all-ones, so both tools see exactly the same tokens.
-- Magnitude: 0.14's one-shot magnitude is MagnitudePruningModifier with init = final sparsity, which
-  applies its mask at start. Its mask factory offers 'unstructured', 'channel', 'filter' and 'block_*'
-  only: there is no N:M magnitude in llm-compressor, so --pattern N:M with magnitude exits with
-  code 3 ("not offered").
+  padding and no attention_mask (full causal windows), so both tools see exactly the same tokens.
+- Magnitude: 0.14's MagnitudePruningModifier with init = final sparsity computes its masks at start
+  but never applies them in one-shot; a subclass applies them at finalize (see
+  _one_shot_magnitude_class). Its mask factory offers 'unstructured', 'channel', 'filter' and
+  'block_*' only: there is no N:M magnitude in llm-compressor, so --pattern N:M with magnitude exits
+  with code 3 ("not offered").
 """
 
 from __future__ import annotations

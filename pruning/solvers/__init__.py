@@ -6,10 +6,10 @@ from torch import Tensor
 
 from pruning.config import Pattern
 from pruning.solvers.magnitude import magnitude_prune
-from pruning.solvers.sparsegpt import layer_error, sparsegpt_prune
+from pruning.solvers.sparsegpt import PreparedHessian, layer_error, prepare_hessian, sparsegpt_prune
 from pruning.solvers.wanda import wanda_prune
 
-__all__ = ["METHODS", "layer_error", "magnitude_prune", "solve", "sparsegpt_prune", "wanda_prune"]
+__all__ = ["METHODS", "PreparedHessian", "layer_error", "prepare_hessian", "magnitude_prune", "solve", "sparsegpt_prune", "wanda_prune"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -24,6 +24,7 @@ def solve(
     input_sq_norm: Tensor | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    prepared: PreparedHessian | None = None,
 ) -> Tensor:
     """Prune one [out, in] weight with `method`; sparsegpt needs `hessian`, wanda `input_sq_norm`."""
     if method == "magnitude":
@@ -35,5 +36,7 @@ def solve(
     if method == "sparsegpt":
         if hessian is None:
             raise ValueError("sparsegpt needs hessian (a HessianAccumulator's hessian)")
-        return sparsegpt_prune(weight, hessian, sparsity, pattern, block_size=block_size, damp=damp)
+        return sparsegpt_prune(
+            weight, hessian, sparsity, pattern, block_size=block_size, damp=damp, prepared=prepared
+        )
     raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")

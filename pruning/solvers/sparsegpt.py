@@ -8,6 +8,7 @@ The work runs in the transposed [in, out] layout so that one input column is one
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,24 +28,26 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, retries: int = DAMP_RET
 
     H must already have its dead inputs fixed. d starts at `damp` and grows 10x per failed attempt;
     if every attempt fails, RuntimeError (never the identity: that would be magnitude pruning).
+    U comes from one Cholesky and one triangular inverse, without forming H^-1: with P the
+    index reversal and P H P = L L^T, H^-1 = (P L^-1 P)^T (P L^-1 P) and P L^-1 P is upper.
     """
     scale = hessian.diagonal().abs().mean()
     if not bool(torch.isfinite(hessian).all()):
         raise RuntimeError(
             "SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)"
         )
+    size = hessian.shape[0]
     relative = damp
     for attempt in range(retries + 1):
-        damped = hessian.clone()
+        damped = hessian.flip(0, 1)
         damped.diagonal().add_(relative * scale)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped  # K x K buffers are large (784 MiB at K = 14336): free each one early
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            eye = torch.eye(size, dtype=lower.dtype, device=lower.device)
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            del lower, eye
+            if bool(torch.isfinite(upper.diagonal()).all()) and bool((upper.diagonal() > 0).all()):
                 if attempt:
                     log.warning("SparseGPT: Hessian needed damping %g (asked for %g)", relative, damp)
                 return upper, relative
@@ -53,6 +56,25 @@ def inverse_hessian_factor(hessian: Tensor, damp: float, retries: int = DAMP_RET
         f"SparseGPT: the Hessian is not positive definite even with damping {relative / 10:g} x mean(diag H) "
         f"({retries + 1} attempts from {damp:g}); the calibration inputs of this layer are degenerate"
     )
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What SparseGPT derives from a Hessian before touching weights; layers sharing an input
+    (q/k/v, gate/up) share one, so the factorisation runs once per input, not once per layer."""
+
+    hinv: Tensor  # upper Cholesky factor of the damped inverse
+    dead: Tensor  # inputs that never fired
+
+
+@torch.no_grad()
+def prepare_hessian(hessian: Tensor, damp: float, device: torch.device | None = None) -> PreparedHessian:
+    with ieee_fp32_matmul():
+        hess = hessian.detach().to(device=device or hessian.device, dtype=torch.float32, copy=True)
+        dead = hess.diagonal() == 0
+        hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
+        hinv, _ = inverse_hessian_factor(hess, damp)
+    return PreparedHessian(hinv, dead)
 
 
 @torch.no_grad()
@@ -64,6 +86,7 @@ def sparsegpt_prune(
     *,
     block_size: int = 128,
     damp: float = 0.01,
+    prepared: PreparedHessian | None = None,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
 
@@ -82,12 +105,9 @@ def sparsegpt_prune(
         block_size = -(-block_size // pattern.m) * pattern.m
     device = weight.device
 
+    prepared = prepared or prepare_hessian(hessian, damp, device)
+    hinv, dead = prepared.hinv, prepared.dead
     with ieee_fp32_matmul():
-        hess = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
-        dead = hess.diagonal() == 0
-        hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
-        hinv, _ = inverse_hessian_factor(hess, damp)
-        del hess
         # [in, out], a private fp32 copy; dead input columns start at zero.
         work = (
             weight.detach()

@@ -119,3 +119,45 @@ def test_bench_without_manifest_guesses_or_takes_the_pattern(
     assert {r["pattern"] for r in guessed["layers"]} == {"2:4"}
     told = run_benchmark(folder, pattern="2:4", names=sorted(names)[:3])["sizes"]
     assert [r["name"] for r in told["layers"]] == sorted(names)[:3]
+
+
+def test_gpu_chart_and_summary_render(tmp_path: Path) -> None:
+    """The GPU-only report parts (filled by a GPU run) render: one speedup panel per shape, terminal lines."""
+    from kernels.chart import write_chart
+
+    rows = [
+        {
+            "layer": name,
+            "shape": [n, 4096],
+            "pattern": "2:4",
+            "m": m,
+            "shears_us": 6.0,
+            "dense_us": 10.0,
+            "semi_us": None if m < 64 else 9.0,
+            "dispatch": "triton:m1n16k256s4w4st3",
+            "speedup_shears": 10 / 6,
+            "speedup_semi": None if m < 64 else 10 / 9,
+            "speedup_dispatch": 10 / 6,
+        }
+        for name, n in (("q_proj", 4096), ("k_proj", 1024))
+        for m in (1, 16, 2048)
+    ]
+    result = {
+        "device": {"name": "NVIDIA H100"},
+        "kernels": rows,
+        "sizes": {"total": {"layers": 2, "packed_bytes": 9, "dense_bytes": 16, "ratio": 0.5625}},
+        "decode": {
+            "packed_tokens_per_s": 150.0,
+            "dense_tokens_per_s": 100.0,
+            "speedup": 1.5,
+            "tokens_agree": 1.0,
+        },
+    }
+    assert write_chart(result, tmp_path / "bench.png") is None
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    text = cli.summary(result)
+    assert (
+        "q_proj 4096x4096" in text
+        and "x1.67" in text
+        and "decode: 150.0 tok/s packed vs 100.0 dense (x1.50)" in text
+    )

@@ -151,3 +151,16 @@ def test_candidate_configs_fit_their_shapes() -> None:
 def test_run_checks_all_pass() -> None:
     results = run_checks("cpu")
     assert len(results) == len(CASES) and all(r["ok"] for r in results), results
+
+
+def test_dispatcher_refuses_a_backend_that_disagrees_with_the_reference() -> None:
+    from kernels.dispatch import Choice
+
+    g = torch.Generator().manual_seed(12)
+    op = PackedOperand(sparse_weight("nm", 2, 4, 16, 64, torch.bfloat16, g))
+    x = torch.randn(2, 64, generator=g).to(torch.bfloat16)
+    dispatcher, errors = Dispatcher(), {}
+    assert dispatcher._agrees(Choice("triton", KernelConfig(16, 16, 64, 2)), x, op, errors) and not errors
+    op._derived["dense"] = torch.zeros(16, 64, dtype=torch.bfloat16)  # a corrupted derived copy
+    assert not dispatcher._agrees(Choice("dense"), x, op, errors)
+    assert errors["dense"].startswith("relative error 1 against the reference")
