@@ -28,8 +28,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: setup
-	$(BIN)/python bench/prune_speed.py
+bench: bench-peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

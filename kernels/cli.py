@@ -70,8 +70,23 @@ def _pack(args: argparse.Namespace) -> int:
             close()
     except (PackedFormatError, FileNotFoundError) as exc:
         return _fail(exc)
+    _record_in_manifest(args.folder, files)
     print(f"packed {len(names)} tensors ({pattern}) into {', '.join(files)}")
     return 0
+
+
+def _record_in_manifest(folder: Path, packed: list[str] | None = None, **updates: Any) -> None:
+    """A Shears folder's manifest lists every file with its checksum: keep it true after adding some."""
+    try:
+        from pruning.manifest import MANIFEST, refresh_files
+    except ImportError:  # kernels/ works without the engine installed
+        return
+    if not (folder / MANIFEST).is_file():
+        return
+    if packed is not None:
+        weights = json.loads((folder / MANIFEST).read_text()).get("weights") or {}
+        updates["weights"] = {**weights, "packed": packed}
+    refresh_files(folder, **updates)
 
 
 def _unpack(args: argparse.Namespace) -> int:
@@ -105,6 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
     except (PackedFormatError, FileNotFoundError) as exc:
         return _fail(exc)
+    _record_in_manifest(args.folder, benchmark=result)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
         return 0

@@ -130,7 +130,9 @@ class _Job:
             with self.clock.phase("benchmarking"):
                 from kernels.bench import run_benchmark
 
-                benchmark = run_benchmark(self.work, self.reporter)
+                benchmark = run_benchmark(
+                    self.work, self.reporter, pattern=request.parsed_pattern, names=pruned_names
+                )
         manifest = write_manifest(
             self.work, request=request, model=model, skeleton=skeleton, windows_info=windows,
             layers=layers, blocks=blocks, perplexity=perplexity, weight_files=files, packed_files=packed,

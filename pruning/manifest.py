@@ -63,3 +63,18 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
         if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             bad.append(entry["name"])
     return bad
+
+
+def refresh_files(folder: Path, **updates: Any) -> dict[str, Any] | None:
+    """Re-list a folder's files (and apply `updates`) in an existing manifest, after a later step
+    such as `shears pack` or `shears bench` added files. None when the folder has no manifest."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    manifest.update(updates)
+    manifest["files"] = file_entries(folder)
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    write_json(tmp, manifest)
+    os.replace(tmp, path)
+    return manifest

@@ -137,3 +137,23 @@ def test_self_calibration_samples_text_from_the_model(tiny_llama: Path, tmp_path
     manifest = prune(request, tmp_path / "out")
     assert manifest["calibration"]
     check_output(tmp_path / "out", request)
+
+
+def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path, tmp_path: Path) -> None:
+    from pruning.cli import main
+
+    request = fast_request(tiny_llama, pattern="2:4", formats=["dense", "packed"])
+    manifest = prune(request, tmp_path / "out")
+    assert manifest["weights"]["packed"] == ["sparse.safetensors"]
+    packed_bytes = (tmp_path / "out" / "sparse.safetensors").stat().st_size
+    assert packed_bytes < 0.6 * sum(
+        4 * layer["shape"][0] * layer["shape"][1] for layer in manifest["layers"].values()
+    )
+    plain = prune(fast_request(tiny_llama, pattern="2:4"), tmp_path / "plain")
+    assert plain["weights"]["packed"] == []
+    assert main(["pack", str(tmp_path / "plain")]) == 0
+    refreshed = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert refreshed["weights"]["packed"] == ["sparse.safetensors"]
+    assert verify_files(tmp_path / "plain", refreshed) == []
+    assert (tmp_path / "plain" / "sparse.safetensors").read_bytes() == (
+        tmp_path / "out" / "sparse.safetensors").read_bytes()

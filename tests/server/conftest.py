@@ -29,7 +29,7 @@ def model_root(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("allowed-models")
     shutil.copytree(tiny_llama, root / "tiny")  # a copy: a symlink out of the folder would be refused
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def idle_server(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> I
 
 
 def medium_job(model_root: Path) -> dict[str, Any]:
-    """Three slower blocks (several seconds each here): time to cancel or kill it in the middle."""
-    return job_request(model_root / "medium", samples=16, seqlen=128)
+    """Six wider blocks (a few seconds of pruning): time to cancel or kill the job in the middle."""
+    return job_request(model_root / "medium", samples=32, seqlen=128)
 
 
 def store_of(server: ServerProcess) -> Store:

@@ -51,7 +51,7 @@ def test_killed_worker_is_requeued_and_succeeds(start_server, model_root: Path) 
     lost = [e for e in client.events(job["id"])["events"] if e["kind"] == "state" and e["attempt"] == 1][-1]
     assert "worker lost" in lost["message"]
     second = [e for e in client.events(job["id"])["events"] if e["attempt"] == 2 and e["kind"] == "progress"]
-    assert [e["done"] for e in second] == [1, 2, 3]  # the second attempt started over
+    assert [e["done"] for e in second][0] == 1 and second[-1]["done"] == 6  # it started over
 
 
 def test_worker_lost_after_max_attempts(start_server, model_root: Path) -> None:
