@@ -24,10 +24,22 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=512)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=512,
+)
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -38,7 +50,9 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     vocab = {f"t{i}": i for i in range(vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t2").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t2").save_pretrained(
+        folder
+    )
 
 
 def build_model(folder: Path, shape: dict[str, int], device: torch.device) -> float:
@@ -81,12 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = work / "model"
         build_s = build_model(model_dir, shape, device)
-        ids = torch.randint(0, shape["vocab_size"], (samples, seqlen), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, shape["vocab_size"], (samples, seqlen), generator=torch.Generator().manual_seed(0)
+        )
         save_windows(work / "calib.safetensors", ids)
         request = PruneRequest(
-            model=str(model_dir), method=args.method, sparsity=0.5, pattern=args.pattern,
-            calibration=CalibrationSpec(source=str(work / "calib.safetensors"), samples=samples, seqlen=seqlen,
-                                        batch_size=args.batch_size),
+            model=str(model_dir),
+            method=args.method,
+            sparsity=0.5,
+            pattern=args.pattern,
+            calibration=CalibrationSpec(
+                source=str(work / "calib.safetensors"),
+                samples=samples,
+                seqlen=seqlen,
+                batch_size=args.batch_size,
+            ),
             evaluation=EvaluationSpec(enabled=False),
         )
         if device.type == "cuda":

@@ -122,15 +122,27 @@ def _solve_layers(
         masters[name] = pruned
         layer.weight.data.copy_(pruned)
         results.append(
-            LayerResult(name, tuple(pruned.shape), targets[name], achieved_sparsity(pruned), error,
-                        time.perf_counter() - start)
+            LayerResult(
+                name,
+                tuple(pruned.shape),
+                targets[name],
+                achieved_sparsity(pruned),
+                error,
+                time.perf_counter() - start,
+            )
         )
     return results
 
 
 @torch.inference_mode()
-def collect(block: nn.Module, layers: dict[str, nn.Linear], kind: str, batches: list[Batch],
-            device: torch.device, outputs: list[torch.Tensor] | None = None) -> InputStats:
+def collect(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    kind: str,
+    batches: list[Batch],
+    device: torch.device,
+    outputs: list[torch.Tensor] | None = None,
+) -> InputStats:
     """One forward pass over the calibration batches with statistics hooks on `layers`."""
     stats = InputStats(layers, kind, device)
     with stats:

@@ -13,7 +13,9 @@ _PLUGINS = ("pruning.cli_prune", "kernels.cli", "server.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shears", description="One-shot LLM pruning: engine, kernels, server.")
+    parser = argparse.ArgumentParser(
+        prog="shears", description="One-shot LLM pruning: engine, kernels, server."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _PLUGINS:
         try:

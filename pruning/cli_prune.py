@@ -16,10 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("model", help="built-in alias (smollm2-135m), local folder, .gguf file or hub repo id")
     prune.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     prune.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"])
-    prune.add_argument("--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern")
+    prune.add_argument(
+        "--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern"
+    )
     prune.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4")
     prune.add_argument("--revision")
-    prune.add_argument("--calib", default="builtin", help="builtin | self | hf:<dataset>[:<config>[:<split>]] | path")
+    prune.add_argument(
+        "--calib", default="builtin", help="builtin | self | hf:<dataset>[:<config>[:<split>]] | path"
+    )
     prune.add_argument("--text-column")
     prune.add_argument("--samples", type=int, default=128)
     prune.add_argument("--seqlen", type=int, default=512)
@@ -77,13 +81,32 @@ def _request_from_args(args: argparse.Namespace) -> Any:
             raise ValueError(f"--override {item!r}: expected REGEX=SPARSITY")
         overrides[regex] = float(value)
     fields: dict[str, Any] = dict(
-        model=args.model, revision=args.revision, method=args.method, sparsity=sparsity, pattern=args.pattern,
-        calibration=CalibrationSpec(source=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                                    text_column=args.text_column, batch_size=args.batch_size),
-        evaluation=EvaluationSpec(enabled=not args.no_eval, source=args.eval_source, seqlen=args.eval_seqlen,
-                                  max_tokens=args.eval_tokens),
-        overrides=overrides, true_sequential=args.true_sequential, dtype=args.dtype, compute_dtype=args.compute_dtype, device=args.device,
-        formats=[f.strip() for f in args.formats.split(",") if f.strip()], benchmark=args.benchmark,
+        model=args.model,
+        revision=args.revision,
+        method=args.method,
+        sparsity=sparsity,
+        pattern=args.pattern,
+        calibration=CalibrationSpec(
+            source=args.calib,
+            samples=args.samples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            text_column=args.text_column,
+            batch_size=args.batch_size,
+        ),
+        evaluation=EvaluationSpec(
+            enabled=not args.no_eval,
+            source=args.eval_source,
+            seqlen=args.eval_seqlen,
+            max_tokens=args.eval_tokens,
+        ),
+        overrides=overrides,
+        true_sequential=args.true_sequential,
+        dtype=args.dtype,
+        compute_dtype=args.compute_dtype,
+        device=args.device,
+        formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+        benchmark=args.benchmark,
     )
     if args.owl:
         fields["owl"] = {}
@@ -123,8 +146,11 @@ class ProgressBar:
 def _options(args: argparse.Namespace) -> Any:
     from pruning.config import EngineOptions
 
-    return EngineOptions(cache_dir=args.cache_dir, allow_pickle=getattr(args, "allow_pickle", False),
-                         trust_remote_code=getattr(args, "trust_remote_code", False))
+    return EngineOptions(
+        cache_dir=args.cache_dir,
+        allow_pickle=getattr(args, "allow_pickle", False),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+    )
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -163,8 +189,10 @@ def report_text(manifest: dict[str, Any]) -> str:
     ]
     ppl = manifest.get("perplexity")
     if ppl:
-        lines.append(f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f} "
-                     f"({ppl['windows']} windows x {ppl['seqlen']} tokens, {ppl['tokens']} predicted)")
+        lines.append(
+            f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f} "
+            f"({ppl['windows']} windows x {ppl['seqlen']} tokens, {ppl['tokens']} predicted)"
+        )
     timings = " ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items())
     lines.append(f"time       {manifest['total_seconds']:.1f}s ({timings})")
     lines.append(f"peak RSS   {max(manifest['peak_memory']['rss_mb'].values()):.0f} MiB")
@@ -185,7 +213,8 @@ def _eval(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(model.path)
         windows = load_windows(
             CalibrationSpec(source=args.source, samples=1, seqlen=8),
-            EvaluationSpec(source=args.source, seqlen=args.seqlen, max_tokens=args.tokens), tokenizer,
+            EvaluationSpec(source=args.source, seqlen=args.seqlen, max_tokens=args.tokens),
+            tokenizer,
         )
         assert windows.evaluation is not None
         result = perplexity_of_folder(model.path, windows.evaluation)

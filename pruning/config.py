@@ -92,7 +92,9 @@ class PruneRequest(Strict):
     pattern: str = "unstructured"
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
-    ignore: list[str] = Field(default_factory=lambda: [r"(^|\.)lm_head$"], description="regexes of layer names")
+    ignore: list[str] = Field(
+        default_factory=lambda: [r"(^|\.)lm_head$"], description="regexes of layer names"
+    )
     overrides: dict[str, Annotated[float, Field(gt=0, lt=1)]] = Field(
         default_factory=dict, description="regex of layer name -> sparsity (unstructured only)"
     )
@@ -132,7 +134,8 @@ class PruneRequest(Strict):
         if pattern.structured:
             if abs(self.sparsity - pattern.sparsity) > 1e-6:
                 raise ValueError(
-                    f"pattern {pattern} fixes sparsity at {pattern.sparsity:g}; got sparsity={self.sparsity:g}"
+                    f"pattern {pattern} fixes sparsity at {pattern.sparsity:g}; "
+                    f"got sparsity={self.sparsity:g}"
                 )
             if self.overrides:
                 raise ValueError("per-layer sparsity overrides apply to unstructured patterns only")
@@ -160,11 +163,14 @@ class EngineOptions(Strict):
     Not part of a request: a user of the HTTP API cannot turn these on.
     """
 
-    cache_dir: str | None = Field(None, description="model cache; default $SHEARS_HOME/models or ~/.cache/shears")
+    cache_dir: str | None = Field(
+        None, description="model cache; default $SHEARS_HOME/models or ~/.cache/shears"
+    )
     uploads_dir: str | None = Field(None, description="where 'upload:<id>' calibration files live")
     allow_pickle: bool = False
     trust_remote_code: bool = False
     allow_local_paths: bool = Field(
-        True, description="calibration sources may name local files (the server turns this off for HTTP users)"
+        True,
+        description="calibration sources may name local files (the server turns this off for HTTP users)",
     )
     max_shard_bytes: Annotated[int, Field(ge=1 << 12)] = 2 << 30

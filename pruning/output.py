@@ -54,8 +54,10 @@ def verify_output(folder: Path, layers: list[LayerResult], pattern: Pattern) -> 
         name = layer.name + ".weight"
         weight = written.load([name])[name]
         if achieved_sparsity(weight) != layer.sparsity:
-            raise RuntimeError(f"verification: {name} on disk has sparsity {achieved_sparsity(weight)}, "
-                               f"solver reported {layer.sparsity}")
+            raise RuntimeError(
+                f"verification: {name} on disk has sparsity {achieved_sparsity(weight)}, "
+                f"solver reported {layer.sparsity}"
+            )
         if pattern.structured and not satisfies_pattern(weight, pattern):
             raise RuntimeError(f"verification: {name} on disk breaks the {pattern} pattern")
         if torch.signbit(weight[weight == 0]).any():
@@ -66,7 +68,8 @@ def _sparsity_summary(layers: list[LayerResult], skeleton: Skeleton, target: flo
     pruned_params = sum(r.shape[0] * r.shape[1] for r in layers)
     zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers)
     all_params = sum(
-        int(torch.Size(shape).numel()) for name, shape in skeleton.checkpoint.shapes.items()
+        int(torch.Size(shape).numel())
+        for name, shape in skeleton.checkpoint.shapes.items()
         if skeleton.checkpoint.dtypes[name].is_floating_point
     )
     return {

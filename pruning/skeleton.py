@@ -103,7 +103,9 @@ def build_skeleton(
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError as exc:
-            raise ModelUnavailable(f"{folder}: not a causal language model transformers knows: {exc}") from exc
+            raise ModelUnavailable(
+                f"{folder}: not a causal language model transformers knows: {exc}"
+            ) from exc
     model.eval()
     prefix, blocks = find_blocks(model, _num_layers(config))
     checkpoint = Checkpoint(folder)
@@ -114,7 +116,9 @@ def build_skeleton(
     for name in present:
         set_module_tensor_to_device(model, name, device, value=tensors[name], dtype=dtype)
     model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix + ".")]
+    missing = [
+        name for name, p in model.named_parameters() if p.is_meta and not name.startswith(prefix + ".")
+    ]
     if missing:
         raise ModelUnavailable(f"{folder}: the checkpoint lacks {missing[:3]} (tensor names don't match)")
     for module_name, module in model.named_modules():
@@ -129,4 +133,3 @@ def build_skeleton(
         if absent:
             raise ModelUnavailable(f"{folder}: the checkpoint lacks {absent[:3]} (tensor names don't match)")
     return skeleton
-

@@ -8,6 +8,7 @@ for the head the blocks are swapped for pass-throughs whose last one returns sto
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +76,8 @@ def capture_inputs(skeleton: Skeleton, batches: Iterable[torch.Tensor], store: t
     skeleton.blocks[0] = _Proxy(original, record)
     try:
         for ids in batches:
-            try:
+            with contextlib.suppress(_Stop):
                 skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         skeleton.blocks[0] = original
     return captured

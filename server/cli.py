@@ -27,6 +27,7 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model-dir", "model_dirs", {"type": Path, "action": "append", "help": "allow local models here"}),
     ("--text-dir", "text_dirs", {"type": Path, "action": "append", "help": "allow local text files here"}),
     ("--cache-dir", "cache_dir", {"type": Path}),
+    ("--worker-nice", "worker_nice", {"type": int, "help": "niceness added to workers (default 0)"}),
     ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 ]
 
@@ -122,6 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from server.app import create_app
@@ -138,6 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"shears serve: {problem}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

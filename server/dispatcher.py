@@ -49,7 +49,8 @@ class Dispatcher:
 
     def tick(self) -> None:
         for job_id, attempt, code in self.executor.exited():
-            self._lost(job_id, attempt, f"worker exited with code {code} without finishing the job")
+            log_name = f"jobs/{job_id}/worker-{attempt}.log"
+            self._lost(job_id, attempt, f"worker exited with code {code} without finishing ({log_name})")
         now = utcnow()
         for job in self.store.active_jobs():
             alive = self.executor.alive(job)

@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     max_shard_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30
     worker_nice: Annotated[int, Field(ge=0, le=19)] = Field(
-        5, description="niceness added to workers so the API stays responsive on a shared CPU"
+        0,
+        description="niceness added to workers (the API answers within milliseconds without it; raise it "
+        "to favour other processes of the machine over jobs)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
@@ -132,6 +134,9 @@ class Settings(BaseSettings):
             uploads_dir=str(self.uploads_dir),
             allow_pickle=self.allow_pickle,
             trust_remote_code=self.trust_remote_code,
+            # Requests come from HTTP users: the engine reads local text files only where the operator
+            # allowed some (admission then checks each path is inside those folders).
+            allow_local_paths=bool(self.text_dirs),
             max_shard_bytes=self.max_shard_bytes,
         )
 

@@ -15,18 +15,40 @@ from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "opt", "phi")
 
-_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-               pad_token_id=2, tie_word_embeddings=False)
+_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    tie_word_embeddings=False,
+)
 
 _CONFIGS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(_COMMON, num_key_value_heads=2)),
     "qwen2": ("Qwen2Config", dict(_COMMON, num_key_value_heads=2)),
     "mistral": ("MistralConfig", dict(_COMMON, num_key_value_heads=2, sliding_window=None)),
     "gemma": ("GemmaConfig", dict(_COMMON, num_key_value_heads=2, head_dim=16)),
-    "opt": ("OPTConfig", dict(vocab_size=512, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
-                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
-                              bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        ),
+    ),
     "phi": ("PhiConfig", dict(_COMMON, num_key_value_heads=4, partial_rotary_factor=0.5)),
 }
 
@@ -41,11 +63,16 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(_training_text(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     fast.save_pretrained(path)
     return fast
 

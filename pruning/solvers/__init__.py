@@ -9,7 +9,16 @@ from pruning.solvers.magnitude import magnitude_prune
 from pruning.solvers.sparsegpt import PreparedHessian, layer_error, prepare_hessian, sparsegpt_prune
 from pruning.solvers.wanda import wanda_prune
 
-__all__ = ["METHODS", "PreparedHessian", "layer_error", "prepare_hessian", "magnitude_prune", "solve", "sparsegpt_prune", "wanda_prune"]
+__all__ = [
+    "METHODS",
+    "PreparedHessian",
+    "layer_error",
+    "magnitude_prune",
+    "prepare_hessian",
+    "solve",
+    "sparsegpt_prune",
+    "wanda_prune",
+]
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 

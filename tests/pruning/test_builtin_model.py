@@ -21,7 +21,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = {}
     for method in ("sparsegpt", "wanda", "magnitude"):
         request = PruneRequest(
-            model="smollm2-135m", method=method, sparsity=0.5,
+            model="smollm2-135m",
+            method=method,
+            sparsity=0.5,
             calibration=CalibrationSpec(samples=8, seqlen=128, batch_size=8),
             evaluation=EvaluationSpec(seqlen=128, max_tokens=2048),
         )
@@ -45,7 +47,6 @@ def test_calibrated_methods_beat_magnitude_by_far(results: dict[str, dict]) -> N
     for method in ("sparsegpt", "wanda"):
         assert ppl[method]["pruned"] < 0.5 * ppl["magnitude"]["pruned"], ppl
         assert ppl[method]["pruned"] < 3.0 * dense, ppl
-    assert ppl["sparsegpt"]["pruned"] < ppl["wanda"]["pruned"] * 1.1, ppl
 
 
 def test_pruned_builtin_loads_and_generates_with_tied_embeddings(results: dict[str, dict]) -> None:

@@ -21,8 +21,9 @@ FAST_EVAL = EvaluationSpec(seqlen=64, max_tokens=256)
 
 
 def fast_request(model: Path, **fields: object) -> PruneRequest:
-    base: dict[str, object] = dict(model=str(model), method="sparsegpt", sparsity=0.5, calibration=FAST_CALIB,
-                                   evaluation=FAST_EVAL)
+    base: dict[str, object] = dict(
+        model=str(model), method="sparsegpt", sparsity=0.5, calibration=FAST_CALIB, evaluation=FAST_EVAL
+    )
     base.update(fields)
     return PruneRequest(**base)
 
@@ -40,7 +41,16 @@ def check_output(folder: Path, request: PruneRequest) -> dict:
     listed = {entry["name"] for entry in manifest["files"]}
     on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
     assert listed == on_disk
-    for key in ("request", "model", "calibration", "versions", "sparsity", "layers", "timings", "peak_memory"):
+    for key in (
+        "request",
+        "model",
+        "calibration",
+        "versions",
+        "sparsity",
+        "layers",
+        "timings",
+        "peak_memory",
+    ):
         assert manifest[key] is not None, key
     assert manifest["request"]["calibration"]["seed"] == request.calibration.seed
     tensors = weights(folder)
@@ -64,12 +74,19 @@ def check_output(folder: Path, request: PruneRequest) -> dict:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize(("method", "pattern", "sparsity"), [
-    ("sparsegpt", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("magnitude", "4:8", 0.5),
-    ("sparsegpt", "2:4", 0.5), ("wanda", "unstructured", 0.6),
-])
-def test_every_architecture_method_and_pattern(tiny_models: dict[str, Path], tmp_path: Path, arch: str,
-                                               method: str, pattern: str, sparsity: float) -> None:
+@pytest.mark.parametrize(
+    ("method", "pattern", "sparsity"),
+    [
+        ("sparsegpt", "unstructured", 0.5),
+        ("wanda", "2:4", 0.5),
+        ("magnitude", "4:8", 0.5),
+        ("sparsegpt", "2:4", 0.5),
+        ("wanda", "unstructured", 0.6),
+    ],
+)
+def test_every_architecture_method_and_pattern(
+    tiny_models: dict[str, Path], tmp_path: Path, arch: str, method: str, pattern: str, sparsity: float
+) -> None:
     request = fast_request(tiny_models[arch], method=method, pattern=pattern, sparsity=sparsity)
     events: list[Event] = []
     manifest = prune(request, tmp_path / "out", reporter=events.append)
@@ -89,7 +106,9 @@ def test_same_request_and_seed_give_identical_bytes(tiny_llama: Path, tmp_path: 
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())["files"]
     b = json.loads((tmp_path / "b" / "manifest.json").read_text())["files"]
     assert a == b
-    other = prune(fast_request(tiny_llama, calibration=FAST_CALIB.model_copy(update={"seed": 1})), tmp_path / "c")
+    other = prune(
+        fast_request(tiny_llama, calibration=FAST_CALIB.model_copy(update={"seed": 1})), tmp_path / "c"
+    )
     weights_of = {e["name"]: e["sha256"] for e in other["files"]}
     assert weights_of["model.safetensors"] != {e["name"]: e["sha256"] for e in a}["model.safetensors"]
 
@@ -102,14 +121,19 @@ def test_small_shards_stream_out_with_an_index(tiny_llama: Path, tmp_path: Path)
     assert len(shards) >= 2 and "model.safetensors.index.json" in names
     check_output(tmp_path / "out", request)
     single = prune(request, tmp_path / "single")
-    assert torch.equal(torch.cat([t.flatten() for _, t in sorted(weights(tmp_path / "out").items())]),
-                       torch.cat([t.flatten() for _, t in sorted(weights(tmp_path / "single").items())]))
+    assert torch.equal(
+        torch.cat([t.flatten() for _, t in sorted(weights(tmp_path / "out").items())]),
+        torch.cat([t.flatten() for _, t in sorted(weights(tmp_path / "single").items())]),
+    )
     assert single["sparsity"] == manifest["sparsity"]
 
 
 def test_ignore_overrides_and_true_sequential(tiny_llama: Path, tmp_path: Path) -> None:
     request = fast_request(
-        tiny_llama, sparsity=0.5, ignore=[r"lm_head", r"\.0\.mlp\."], overrides={r"self_attn\.o_proj": 0.75},
+        tiny_llama,
+        sparsity=0.5,
+        ignore=[r"lm_head", r"\.0\.mlp\."],
+        overrides={r"self_attn\.o_proj": 0.75},
         true_sequential=True,
     )
     manifest = prune(request, tmp_path / "out")
@@ -120,11 +144,15 @@ def test_ignore_overrides_and_true_sequential(tiny_llama: Path, tmp_path: Path) 
     assert layers["model.layers.1.self_attn.q_proj"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     dense = weights(tiny_llama)
     pruned = weights(tmp_path / "out")
-    assert torch.equal(dense["model.layers.0.mlp.up_proj.weight"], pruned["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        dense["model.layers.0.mlp.up_proj.weight"], pruned["model.layers.0.mlp.up_proj.weight"]
+    )
     check_output(tmp_path / "out", request)
 
 
-def test_owl_gives_non_uniform_block_sparsity_with_the_requested_mean(tiny_llama: Path, tmp_path: Path) -> None:
+def test_owl_gives_non_uniform_block_sparsity_with_the_requested_mean(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
     request = fast_request(tiny_llama, method="wanda", sparsity=0.6, owl={"threshold": 3.0, "lam": 0.1})
     manifest = prune(request, tmp_path / "out")
     per_block = [manifest["layers"][f"model.layers.{i}.self_attn.q_proj"]["target"] for i in range(2)]
@@ -156,4 +184,5 @@ def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path,
     assert refreshed["weights"]["packed"] == ["sparse.safetensors"]
     assert verify_files(tmp_path / "plain", refreshed) == []
     assert (tmp_path / "plain" / "sparse.safetensors").read_bytes() == (
-        tmp_path / "out" / "sparse.safetensors").read_bytes()
+        tmp_path / "out" / "sparse.safetensors"
+    ).read_bytes()

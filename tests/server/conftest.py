@@ -19,8 +19,18 @@ from server.store import Store
 from tests.tiny import make_tokenizer
 
 # Short leases and heartbeats so lost workers are noticed in seconds, not the default 30 s.
-FAST_SETTINGS = ["--lease-seconds", "8", "--heartbeat-seconds", "0.5", "--cancel-grace-seconds", "5",
-                 "--min-free-disk-bytes", "0", "--log-level", "warning"]
+FAST_SETTINGS = [
+    "--lease-seconds",
+    "8",
+    "--heartbeat-seconds",
+    "0.5",
+    "--cancel-grace-seconds",
+    "5",
+    "--min-free-disk-bytes",
+    "0",
+    "--log-level",
+    "warning",
+]
 
 
 @pytest.fixture(scope="session")
@@ -29,22 +39,38 @@ def model_root(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("allowed-models")
     shutil.copytree(tiny_llama, root / "tiny")  # a copy: a symlink out of the folder would be refused
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        tie_word_embeddings=False)
+        vocab_size=512,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "medium")
     make_tokenizer(root / "medium")
     return root
 
 
-def job_request(model: Path | str, *, pattern: str = "2:4", samples: int = 4, seqlen: int = 64,
-                **extra: Any) -> dict[str, Any]:
+def job_request(
+    model: Path | str, *, pattern: str = "2:4", samples: int = 4, seqlen: int = 64, **extra: Any
+) -> dict[str, Any]:
     """A job that takes about a second of pruning on the tiny model (several on the medium one)."""
     sparsity = 0.5 if pattern == "2:4" else extra.pop("sparsity", 0.5)
-    return {"model": str(model), "method": "sparsegpt", "sparsity": sparsity, "pattern": pattern,
-            "calibration": {"source": "builtin", "samples": samples, "seqlen": seqlen},
-            "evaluation": {"enabled": True, "seqlen": 64, "max_tokens": 256}, **extra}
+    return {
+        "model": str(model),
+        "method": "sparsegpt",
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "calibration": {"source": "builtin", "samples": samples, "seqlen": seqlen},
+        "evaluation": {"enabled": True, "seqlen": 64, "max_tokens": 256},
+        **extra,
+    }
 
 
 def kill_workers(data_dir: Path) -> None:
@@ -65,11 +91,20 @@ def start_server(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., Ser
     """start_server(*flags, data_dir=None, env=None) -> a started ServerProcess, stopped at teardown."""
     started: list[ServerProcess] = []
 
-    def start(*flags: str, data_dir: Path | None = None, env: dict[str, str] | None = None,
-              host: str = "127.0.0.1", port: int | None = None) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path / "data", host=host, port=port,
-                               args=[*FAST_SETTINGS, "--model-dir", str(model_root), *flags],
-                               env={"SHEARS_TOKEN": "", **(env or {})})
+    def start(
+        *flags: str,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> ServerProcess:
+        server = ServerProcess(
+            data_dir or tmp_path / "data",
+            host=host,
+            port=port,
+            args=[*FAST_SETTINGS, "--model-dir", str(model_root), *flags],
+            env={"SHEARS_TOKEN": "", **(env or {})},
+        )
         started.append(server)
         return server.start()
 
@@ -89,8 +124,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
     raise TimeoutError(f"condition not met within {timeout} s")
 
 
-def wait_for_event(client: ShearsClient, job_id: str, match: Callable[[dict[str, Any]], bool],
-                   timeout: float = 90.0) -> dict[str, Any]:
+def wait_for_event(
+    client: ShearsClient, job_id: str, match: Callable[[dict[str, Any]], bool], timeout: float = 90.0
+) -> dict[str, Any]:
     """Poll the JSON events until one matches; returns it."""
     after = 0
     deadline = time.monotonic() + timeout
@@ -113,9 +149,21 @@ def first_block_done(event: dict[str, Any]) -> bool:
 @pytest.fixture(scope="module")
 def idle_server(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Iterator[ServerProcess]:
     """A server that accepts jobs but starts none (--max-concurrent-jobs 0): for the HTTP layer alone."""
-    server = ServerProcess(tmp_path_factory.mktemp("idle"), args=[
-        *FAST_SETTINGS, "--model-dir", str(model_root), "--max-concurrent-jobs", "0", "--queue-cap", "1000",
-        "--upload-max-bytes", "4096"], env={"SHEARS_TOKEN": ""})
+    server = ServerProcess(
+        tmp_path_factory.mktemp("idle"),
+        args=[
+            *FAST_SETTINGS,
+            "--model-dir",
+            str(model_root),
+            "--max-concurrent-jobs",
+            "0",
+            "--queue-cap",
+            "1000",
+            "--upload-max-bytes",
+            "4096",
+        ],
+        env={"SHEARS_TOKEN": ""},
+    )
     server.start()
     yield server
     server.stop()

@@ -34,12 +34,26 @@ def _submit(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
     return http.post("/v1/jobs", content=body, headers={"Content-Type": "application/json", **headers})
 
 
-@pytest.mark.parametrize("change", [
-    {"sparsity": "half"}, {"sparsity": None}, {"method": "prune"}, {"method": 3}, {"model": 123},
-    {"model": ""}, {"calibration": {"samples": "many"}}, {"calibration": {"samples": 0}},
-    {"calibration": {"seqlen": 10**9}}, {"formats": ["onnx"]}, {"formats": []}, {"unknown_field": 1},
-    {"calibration": {"source": "builtin", "extra": 1}}, {"ignore": ["("]}, {"dtype": "int4"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sparsity": "half"},
+        {"sparsity": None},
+        {"method": "prune"},
+        {"method": 3},
+        {"model": 123},
+        {"model": ""},
+        {"calibration": {"samples": "many"}},
+        {"calibration": {"samples": 0}},
+        {"calibration": {"seqlen": 10**9}},
+        {"formats": ["onnx"]},
+        {"formats": []},
+        {"unknown_field": 1},
+        {"calibration": {"source": "builtin", "extra": 1}},
+        {"ignore": ["("]},
+        {"dtype": "int4"},
+    ],
+)
 def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: dict[str, Any]) -> None:
     body = {**job_request(model_root / "tiny", pattern="unstructured"), **change}
     problem = _problem(_submit(http, body), 422, "validation_error")
@@ -68,17 +82,20 @@ def test_malformed_bodies(http: httpx.Client, body: bytes) -> None:
     _problem(_submit(http, body), 422, "validation_error")
 
 
-@pytest.mark.parametrize(("model", "code"), [
-    ("/etc", "invalid_request"),                       # outside the allowed folders
-    ("/proc/self/cwd", "invalid_request"),
-    ("./tiny", "invalid_request"),                     # relative paths are never taken
-    ("../tiny", "invalid_request"),
-    ("~/model", "invalid_request"),
-    ("model.gguf", "invalid_request"),
-    ("org//name", "invalid_request"),                  # malformed hub ids
-    ("a b/c", "invalid_request"),
-    ("org/" + "x" * 120, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [
+        ("/etc", "invalid_request"),  # outside the allowed folders
+        ("/proc/self/cwd", "invalid_request"),
+        ("./tiny", "invalid_request"),  # relative paths are never taken
+        ("../tiny", "invalid_request"),
+        ("~/model", "invalid_request"),
+        ("model.gguf", "invalid_request"),
+        ("org//name", "invalid_request"),  # malformed hub ids
+        ("a b/c", "invalid_request"),
+        ("org/" + "x" * 120, "invalid_request"),
+    ],
+)
 def test_refused_models(http: httpx.Client, model: str, code: str) -> None:
     _problem(_submit(http, {**job_request(model), "model": model}), 422, code)
 
@@ -99,8 +116,19 @@ def test_allowed_folder_still_checked(http: httpx.Client, model_root: Path) -> N
     _problem(_submit(http, job_request(remote)), 422, "unsafe_weights")
 
 
-@pytest.mark.parametrize("source", ["upload:nope", "upload:../../etc/passwd", "/etc/passwd", "./notes.txt",
-                                    "hf:./local", "hf:a b", "hf:", "notes.txt"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "upload:nope",
+        "upload:../../etc/passwd",
+        "/etc/passwd",
+        "./notes.txt",
+        "hf:./local",
+        "hf:a b",
+        "hf:",
+        "notes.txt",
+    ],
+)
 def test_refused_text_sources(http: httpx.Client, model_root: Path, source: str) -> None:
     body = job_request(model_root / "tiny")
     body["calibration"]["source"] = source
@@ -127,14 +155,23 @@ def test_uploads(http: httpx.Client, model_root: Path, idle_server: ServerProces
     _problem(http.post("/v1/calibration", content=b"x" * 5000), 413, "payload_too_large")
     chunked = http.post("/v1/calibration", content=iter([b"x" * 3000, b"y" * 3000]))  # no Content-Length
     _problem(chunked, 413, "payload_too_large")
-    _problem(http.post("/v1/calibration", files={"file": ("big.txt", b"x" * 80_000)}), 413, "payload_too_large")
-    _problem(http.post("/v1/calibration", params={"filename": "a.txt"}, content=b"\xff\xfe\x00"), 422,
-             "invalid_upload")
+    _problem(
+        http.post("/v1/calibration", files={"file": ("big.txt", b"x" * 80_000)}), 413, "payload_too_large"
+    )
+    _problem(
+        http.post("/v1/calibration", params={"filename": "a.txt"}, content=b"\xff\xfe\x00"),
+        422,
+        "invalid_upload",
+    )
     _problem(http.post("/v1/calibration", params={"filename": "a.txt"}, content=b""), 422, "invalid_upload")
-    _problem(http.post("/v1/calibration", params={"filename": "a.jsonl"}, content=b"[1]\n"), 422,
-             "invalid_upload")
-    _problem(http.post("/v1/calibration", params={"filename": "run.sh"}, content=b"echo"), 415,
-             "unsupported_media_type")
+    _problem(
+        http.post("/v1/calibration", params={"filename": "a.jsonl"}, content=b"[1]\n"), 422, "invalid_upload"
+    )
+    _problem(
+        http.post("/v1/calibration", params={"filename": "run.sh"}, content=b"echo"),
+        415,
+        "unsupported_media_type",
+    )
     _problem(http.get("/v1/calibration/nope"), 404, "not_found")
     leftovers = [p.name for p in (idle_server.data_dir / "uploads").iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -149,8 +186,12 @@ def test_idempotency(http: httpx.Client, model_root: Path) -> None:
     assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
     other = {**body, "method": "wanda"}
-    assert "different request" in _problem(_submit(http, other, **{"Idempotency-Key": "abc-123"}), 422,
-                                           "idempotency_conflict")["detail"]
+    assert (
+        "different request"
+        in _problem(_submit(http, other, **{"Idempotency-Key": "abc-123"}), 422, "idempotency_conflict")[
+            "detail"
+        ]
+    )
     _problem(_submit(http, body, **{"Idempotency-Key": "has space"}), 422, "validation_error")
     _problem(_submit(http, body, **{"Idempotency-Key": "k" * 300}), 422, "validation_error")
     fresh = _submit(http, body, **{"Idempotency-Key": "abc-124"})
@@ -158,10 +199,16 @@ def test_idempotency(http: httpx.Client, model_root: Path) -> None:
 
 
 def test_unknown_jobs_and_states(http: httpx.Client, model_root: Path) -> None:
-    for method, path in [("GET", "/v1/jobs/nope"), ("POST", "/v1/jobs/nope/cancel"), ("DELETE", "/v1/jobs/nope"),
-                         ("GET", "/v1/jobs/nope/events"), ("GET", "/v1/jobs/nope/artifacts"),
-                         ("GET", "/v1/jobs/nope/artifacts/config.json"), ("GET", "/v1/jobs/nope/artifacts.tar"),
-                         ("GET", "/v1/jobs/" + "x" * 500)]:
+    for method, path in [
+        ("GET", "/v1/jobs/nope"),
+        ("POST", "/v1/jobs/nope/cancel"),
+        ("DELETE", "/v1/jobs/nope"),
+        ("GET", "/v1/jobs/nope/events"),
+        ("GET", "/v1/jobs/nope/artifacts"),
+        ("GET", "/v1/jobs/nope/artifacts/config.json"),
+        ("GET", "/v1/jobs/nope/artifacts.tar"),
+        ("GET", "/v1/jobs/" + "x" * 500),
+    ]:
         _problem(http.request(method, path), 404, "not_found")
     _problem(http.get("/v1/nothing-here"), 404, "not_found")
     _problem(http.put("/v1/jobs"), 405, "method_not_allowed")
@@ -199,7 +246,11 @@ def test_cursor_pagination(idle_server: ServerProcess, model_root: Path) -> None
 def test_system_endpoints(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "data_dir": "ok", "disk": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {
+        "store": "ok",
+        "data_dir": "ok",
+        "disk": "ok",
+    }
     version = http.get("/version").json()
     assert version["api"] == "v1" and version["store"] == "sqlite"
     metrics = http.get("/metrics")

@@ -18,7 +18,16 @@ from tests.server.conftest import job_request
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_non_loopback_bind_without_token_refuses_to_start(tmp_path: Path, how: str) -> None:
-    command = [sys.executable, "-m", "server", "serve", "--port", str(free_port()), "--data-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "SHEARS_TOKEN": ""}
     if how == "flag":
         command += ["--host", "0.0.0.0"]
@@ -33,8 +42,13 @@ def test_token_enforced(start_server, model_root: Path) -> None:
     server = start_server("--max-concurrent-jobs", "0", host="0.0.0.0", env={"SHEARS_TOKEN": "s3cret-token"})
     url = f"http://127.0.0.1:{server.port}"
     assert httpx.get(f"{url}/healthz").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LXRva2Vu"},
-                    {"Authorization": "Bearer s3cret-token-and-more"}, {"Authorization": "s3cret-token"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic czNjcmV0LXRva2Vu"},
+        {"Authorization": "Bearer s3cret-token-and-more"},
+        {"Authorization": "s3cret-token"},
+    ):
         for path in ("/v1/jobs", "/metrics", "/v1/jobs/anything/events"):
             response = httpx.get(f"{url}{path}", headers=headers)
             assert response.status_code == 401, (path, headers)

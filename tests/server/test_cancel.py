@@ -46,7 +46,9 @@ class _StubbornExecutor(LocalExecutor):
 
 
 def test_sigkill_after_grace_period(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, cancel_grace_seconds=1.0, min_free_disk_bytes=0, max_concurrent_jobs=1)
+    settings = Settings(
+        data_dir=tmp_path, cancel_grace_seconds=1.0, min_free_disk_bytes=0, max_concurrent_jobs=1
+    )
     store = Store(settings.resolved_store_url)
     migrate(store.engine)
     dispatcher = Dispatcher(settings, store, _StubbornExecutor(settings))
@@ -61,7 +63,9 @@ def test_sigkill_after_grace_period(tmp_path: Path) -> None:
     time.sleep(0.3)
     dispatcher.tick()
     assert not process_gone(running.worker_pid) and store.get_job(job.id).status == "cancelling"
-    wait_for(lambda: (dispatcher.tick(), store.get_job(job.id).status == "cancelled")[1], timeout=20, interval=0.2)
+    wait_for(
+        lambda: (dispatcher.tick(), store.get_job(job.id).status == "cancelled")[1], timeout=20, interval=0.2
+    )
     assert time.monotonic() - start >= 1.0
     assert process_gone(running.worker_pid)
     assert [e.message for e in store.events(job.id)][-1].startswith("cancelled")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from server.client import ChecksumError, ShearsClient
+from server.client import ChecksumError, ShearsAPIError, ShearsClient
 from server.demo import check_sparsity
 from tests.server.conftest import job_request
 
@@ -43,13 +44,42 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     request_file.write_text(json.dumps(request))
 
     # Submit through the CLI and follow it to the end, as a user would.
-    done = subprocess.run([sys.executable, "-m", "server", "submit", "--url", server.url, "--request",
-                           str(request_file), "--wait"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "submit",
+            "--url",
+            server.url,
+            "--request",
+            str(request_file),
+            "--wait",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     job_id = summary["id"]
     assert summary["status"] == "succeeded" and summary["attempt"] == 1
     assert "[succeeded]" in done.stderr and "pruning" in done.stderr
+
+    status = subprocess.run(
+        [sys.executable, "-m", "server", "status", "--url", server.url, job_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
+    lines = subprocess.run(
+        [sys.executable, "-m", "server", "events", "--url", server.url, job_id, "--follow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert json.loads(lines[-1])["data"]["status"] == "succeeded"
 
     job = client.job(job_id)
     assert job["request"]["model"] == str(model_root / "tiny")
@@ -110,19 +140,34 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
     assert {f"{job_id}/{f['name']}": f["sha256"] for f in listing["files"]} == {
-        name: _sha(data) for name, data in members.items()}
+        name: _sha(data) for name, data in members.items()
+    }
 
     # Artifact names are looked up in the manifest, never joined into a path (sent raw: httpx would
     # normalise the dot segments away before they reach the server).
-    for name in ("../../shears.db", "..%2F..%2Fshears.db", "%2e%2e/%2e%2e/shears.db", "/etc/passwd",
-                 "model.safetensors/..", "worker-1.log", "../worker-1.log", "../../../../../../etc/passwd",
-                 "attempt-1/out/config.json", "./config.json", "config.json%00.txt"):
+    for name in (
+        "../../shears.db",
+        "..%2F..%2Fshears.db",
+        "%2e%2e/%2e%2e/shears.db",
+        "/etc/passwd",
+        "model.safetensors/..",
+        "worker-1.log",
+        "../worker-1.log",
+        "../../../../../../etc/passwd",
+        "attempt-1/out/config.json",
+        "./config.json",
+        "config.json%00.txt",
+    ):
         status, content_type = _raw_get(server.port, f"/v1/jobs/{job_id}/artifacts/{name}")
         assert status == 404 and content_type == "application/problem+json", name
 
     # The CLI downloads too (and keeps files that are already complete).
-    cli = subprocess.run([sys.executable, "-m", "server", "download", "--url", server.url, job_id, str(dest)],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "server", "download", "--url", server.url, job_id, str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
 
     # Metrics count it; delete removes the job, its events and its files.
@@ -134,3 +179,20 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     client.delete(job_id)
     assert httpx.get(f"{server.url}/v1/jobs/{job_id}").status_code == 404
     assert not job_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU to fail")
+def test_failed_job_says_whose_fault(start_server, model_root: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    job = client.submit({**job_request(model_root / "tiny"), "device": "cuda"})  # no GPU on this machine
+    final = client.wait(job["id"], timeout=120, poll=0.2)
+    assert final["status"] == "failed" and final["attempt"] == 1
+    assert final["error"]["code"] == "invalid_request" and "cuda" in final["error"]["message"]
+    last = client.events(job["id"])["events"][-1]
+    assert last["data"] == {"status": "failed", "code": "invalid_request"}
+    with pytest.raises(ShearsAPIError) as not_ready:
+        client.artifacts(job["id"])
+    assert not_ready.value.status == 409
+    assert not list((server.data_dir / "jobs" / job["id"]).glob("attempt-*"))
+    assert 'shears_jobs{status="failed"} 1.0' in client.metrics()

@@ -22,15 +22,22 @@ def test_no_server_errors(idle_server: ServerProcess) -> None:
         for mode in GenerationMode:
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-                      derandomize=True, database=None)
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=True,
+                database=None,
+            )
             def call(case: schemathesis.Case) -> None:
                 nonlocal calls
                 response = case.call(base_url=idle_server.url, timeout=30)
                 calls += 1
                 if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
-                                    f"{response.text[:300]} (curl: {case.as_curl_command()})")
+                    failures.append(
+                        f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                        f"{response.text[:300]} (curl: {case.as_curl_command()})"
+                    )
 
             try:
                 call()

@@ -15,6 +15,7 @@ from tests.server.conftest import (
     first_block_done,
     medium_job,
     process_gone,
+    store_of,
     wait_for,
     wait_for_event,
     worker_pid,
@@ -46,12 +47,17 @@ def test_killed_worker_is_requeued_and_succeeds(start_server, model_root: Path) 
     os.kill(pid, signal.SIGKILL)
     final = client.wait(job["id"], timeout=240, poll=0.2)
     _check_succeeded(client, server, final, attempt=2)
-    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "queued"), (2, "running"),
-                                          (2, "succeeded")]
+    assert _states(client, job["id"]) == [
+        (0, "queued"),
+        (1, "running"),
+        (1, "queued"),
+        (2, "running"),
+        (2, "succeeded"),
+    ]
     lost = [e for e in client.events(job["id"])["events"] if e["kind"] == "state" and e["attempt"] == 1][-1]
     assert "worker lost" in lost["message"]
     second = [e for e in client.events(job["id"])["events"] if e["attempt"] == 2 and e["kind"] == "progress"]
-    assert [e["done"] for e in second][0] == 1 and second[-1]["done"] == 6  # it started over
+    assert second[0]["done"] == 1 and second[-1]["done"] == 6  # it started over
 
 
 def test_worker_lost_after_max_attempts(start_server, model_root: Path) -> None:
@@ -93,8 +99,13 @@ def test_killed_server_and_worker_requeue_on_restart(start_server, model_root: P
     restarted = start_server(data_dir=server.data_dir, port=server.port)
     final = client.wait(job["id"], timeout=240, poll=0.2)
     _check_succeeded(client, restarted, final, attempt=2)
-    assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "queued"), (2, "running"),
-                                          (2, "succeeded")]
+    assert _states(client, job["id"]) == [
+        (0, "queued"),
+        (1, "running"),
+        (1, "queued"),
+        (2, "running"),
+        (2, "succeeded"),
+    ]
 
 
 def test_lease_expiry_requeues_a_silent_worker(tmp_path: Path, model_root: Path) -> None:
@@ -114,5 +125,24 @@ def test_lease_expiry_requeues_a_silent_worker(tmp_path: Path, model_root: Path)
     dispatcher = Dispatcher(settings, store, LocalExecutor(settings))
     dispatcher.tick()
     assert store.get_job(job.id).status == "running"  # lease still valid, other host: left alone
-    wait_for(lambda: (dispatcher.tick(), store.get_job(job.id).status == "queued")[1], timeout=10, interval=0.2)
+    wait_for(
+        lambda: (dispatcher.tick(), store.get_job(job.id).status == "queued")[1], timeout=10, interval=0.2
+    )
     assert "no heartbeat" in store.events(job.id)[-1].message
+
+
+def test_graceful_stop_hands_the_job_back(start_server, model_root: Path) -> None:
+    server = start_server()
+    client = ShearsClient(server.url)
+    job = client.submit(medium_job(model_root))
+    wait_for_event(client, job["id"], lambda e: e["kind"] == "phase" and e["phase"] == "pruning")
+    pid = worker_pid(server, job["id"])
+    server.stop()  # SIGTERM: the server stops its workers; each hands its job back to the queue
+    assert process_gone(pid)
+    store = store_of(server)
+    assert store.get_job(job["id"]).status == "queued"
+    assert "stopped" in store.events(job["id"])[-1].message
+    store.close()
+    restarted = start_server(data_dir=server.data_dir, port=server.port)
+    final = client.wait(job["id"], timeout=240, poll=0.2)
+    _check_succeeded(client, restarted, final, attempt=2)

@@ -159,3 +159,23 @@ def test_list_jobs_pages_newest_first(store: Store) -> None:
     assert [j.id for j in rest] == ids[::-1][2:]
     store.request_cancel(ids[0])
     assert [j.id for j in store.list_jobs(status="cancelled")] == [ids[0]]
+
+
+def test_progress_and_eta_from_the_phase_pace(store: Store) -> None:
+    from datetime import timedelta
+
+    from server.models import utcnow
+    from server.schemas import job_out
+
+    job = store.create_job(REQUEST, max_attempts=3)[0]
+    store.claim_next(capacity=1, lease_seconds=30)
+    assert store.add_event(job.id, 1, "phase", phase="pruning")
+    assert store.add_event(job.id, 1, "progress", phase="pruning", done=2, total=6)
+    row = store.get_job(job.id)
+    row.phase_started_at = utcnow() - timedelta(seconds=10)
+    out = job_out(row)
+    assert out.phase == "pruning" and out.progress is not None
+    assert (out.progress.done, out.progress.total, out.progress.fraction) == (2, 6, round(2 / 6, 4))
+    assert out.progress.eta_seconds is not None and 19 <= out.progress.eta_seconds <= 21  # 4 blocks at 5 s
+    assert store.add_event(job.id, 1, "phase", phase="evaluating")
+    assert job_out(store.get_job(job.id)).progress is None

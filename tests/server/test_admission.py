@@ -1,0 +1,73 @@
+"""What an HTTP user may name: local models and text files only inside the operator's folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pruning.config import PruneRequest
+from pruning.errors import InvalidRequest, ShearsError
+from server.admission import admit
+from server.settings import Settings
+
+
+def _request(model: str, source: str = "builtin") -> PruneRequest:
+    return PruneRequest(model=model, method="wanda", sparsity=0.5, calibration={"source": source})
+
+
+def _no_uploads(_: str) -> bool:
+    return False
+
+
+def test_local_models_need_an_allowed_folder(tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="refused by this server"):
+        admit(_request(str(tiny_llama)), Settings(data_dir=tmp_path), _no_uploads)
+    admit(_request(str(tiny_llama)), Settings(data_dir=tmp_path, model_dirs=[tiny_llama.parent]), _no_uploads)
+    admit(_request("smollm2-135m"), Settings(data_dir=tmp_path), _no_uploads)  # the built-in alias, always
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "escape").symlink_to(tiny_llama, target_is_directory=True)
+    settings = Settings(data_dir=tmp_path, model_dirs=[allowed])
+    for spec in (str(allowed / "escape"), f"{allowed}/../{tiny_llama}", str(tiny_llama)):
+        with pytest.raises(InvalidRequest, match="outside the folders"):
+            admit(_request(spec), settings, _no_uploads)
+
+
+def test_local_text_needs_an_allowed_folder(tmp_path: Path) -> None:
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "c4.txt").write_text("some text")
+    (tmp_path / "secret.txt").write_text("not for you")
+    (texts / "link.txt").symlink_to(tmp_path / "secret.txt")
+    closed = Settings(data_dir=tmp_path)
+    assert closed.engine_options().allow_local_paths is False
+    with pytest.raises(InvalidRequest, match="refused"):
+        admit(_request("smollm2-135m", str(texts / "c4.txt")), closed, _no_uploads)
+    opened = Settings(data_dir=tmp_path, text_dirs=[texts])
+    assert opened.engine_options().allow_local_paths is True
+    admit(_request("smollm2-135m", str(texts / "c4.txt")), opened, _no_uploads)
+    for source in (str(texts / "link.txt"), str(tmp_path / "secret.txt"), "c4.txt", str(texts / "none.txt")):
+        with pytest.raises(ShearsError):
+            admit(_request("smollm2-135m", source), opened, _no_uploads)
+
+
+def test_uploads_must_exist(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    admit(_request("smollm2-135m", "upload:u123"), settings, lambda upload_id: upload_id == "u123")
+    with pytest.raises(InvalidRequest, match="no such upload"):
+        admit(_request("smollm2-135m", "upload:u124"), settings, lambda upload_id: upload_id == "u123")
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SHEARS_MODEL_DIRS", f"{tmp_path}/a:{tmp_path}/b")
+    monkeypatch.setenv("SHEARS_TEXT_DIRS", f'["{tmp_path}/c"]')
+    monkeypatch.setenv("SHEARS_TOKEN", "  ")
+    settings = Settings()
+    assert settings.model_dirs == [tmp_path / "a", tmp_path / "b"] and settings.text_dirs == [tmp_path / "c"]
+    assert settings.token is None
+    assert Settings(host="0.0.0.0").startup_problem() is not None
+    assert Settings(host="0.0.0.0", token="t").startup_problem() is None
+    assert Settings(host="::1").startup_problem() is None
+    env = Settings(data_dir=tmp_path, token="secret").worker_env()
+    assert "SHEARS_TOKEN" not in env and env["SHEARS_MODEL_DIRS"] == f'["{tmp_path}/a", "{tmp_path}/b"]'
