@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, *, dispatch: bool = True) -> Fa
         await run_in_threadpool(migrate, store.engine)
         dispatcher = Dispatcher(settings, store, make_executor(settings))
         app.state.settings, app.state.store, app.state.dispatcher = settings, store, dispatcher
+        app.state.storage = await run_in_threadpool(settings.artifact_storage)
         app.state.registry = make_registry(store)
         app.state.stopping = False
         # Everything loaded so far (FastAPI, SQLAlchemy, torch via the calibration package: ~250k

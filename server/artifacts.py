@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +91,27 @@ def tar_size(files: list[dict[str, Any]]) -> int:
     return sum(512 + -(-f["size"] // 512) * 512 for f in files) + 1024
 
 
-def tar_stream(folder: Path, files: list[dict[str, Any]], prefix: str) -> Iterator[bytes]:
-    """An uncompressed tar of the files, streamed (weights do not compress; no temporary copy)."""
+def _read_local(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            yield chunk
+
+
+def tar_stream(
+    folder: Path,
+    files: list[dict[str, Any]],
+    prefix: str,
+    read: Callable[[str], Iterator[bytes]] | None = None,
+) -> Iterator[bytes]:
+    """An uncompressed tar of the files, streamed (weights do not compress; no temporary copy).
+    `read(name)` streams a file from elsewhere (remote storage) instead of `folder`."""
     for entry in files:
         path = folder / entry["name"]
         info = tarfile.TarInfo(f"{prefix}/{entry['name']}")
-        info.size, info.mode, info.mtime = entry["size"], 0o644, int(path.stat().st_mtime)
+        info.size, info.mode = entry["size"], 0o644
+        info.mtime = int(path.stat().st_mtime) if read is None else 0
         yield info.tobuf(format=tarfile.USTAR_FORMAT)
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
+        yield from (read(entry["name"]) if read is not None else _read_local(path))
         if entry["size"] % 512:
             yield b"\0" * (512 - entry["size"] % 512)
     yield b"\0" * 1024

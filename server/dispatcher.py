@@ -54,8 +54,12 @@ class Dispatcher:
         now = utcnow()
         for job in self.store.active_jobs():
             alive = self.executor.alive(job)
+            pending = getattr(self.executor, "pending", None)
             if alive is False:
                 self._lost(job.id, job.attempt, "the worker process is gone")
+            elif pending is not None and job.status != CANCELLING and pending(job):
+                # Waiting in the cluster's queue for a GPU: no worker to heartbeat yet, not lost.
+                self.store.extend_lease(job.id, job.attempt, self.settings.lease_seconds)
             elif job.lease_expires_at is not None and job.lease_expires_at < now:
                 self.executor.signal(job, kill=True)
                 self._lost(job.id, job.attempt, "no heartbeat before the lease expired")
@@ -94,8 +98,9 @@ class Dispatcher:
                     error_message=f"could not start the worker: {exc}",
                 )
                 continue
-            self.store.record_worker(job.id, job.attempt, host, pid)
-            log.info("job %s attempt %d: worker pid %d", job.id, job.attempt, pid)
+            if pid is not None:
+                self.store.record_worker(job.id, job.attempt, host, pid)
+            log.info("job %s attempt %d: worker %s pid %s", job.id, job.attempt, host, pid)
 
     def _cancel(self, job: Job) -> None:
         key = (job.id, job.attempt)

@@ -32,6 +32,8 @@ _WORKER_FIELDS = (
     "trust_remote_code",
     "max_shard_bytes",
     "worker_nice",
+    "artifacts_url",
+    "artifacts_options",
 )
 
 
@@ -60,7 +62,26 @@ class Settings(BaseSettings):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     data_dir: Path = Field(Path(".shears"), description="job store, artifacts, uploads and model cache")
     store_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shears.db")
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: a process per job on this machine; ray: a Ray job per job on a cluster"
+    )
+    ray_address: str = Field(
+        "http://127.0.0.1:8265", description="the Ray cluster's job submission (dashboard) address"
+    )
+    ray_python: str = Field(
+        "python",
+        description="the Python on the Ray nodes that has shears installed (runs `-m server worker`)",
+    )
+    ray_gpus_per_job: Annotated[float, Field(ge=0)] = Field(1.0, description="GPUs each Ray job asks for")
+    ray_cpus_per_job: Annotated[float, Field(ge=0)] = Field(1.0, description="CPUs each Ray job asks for")
+    artifacts_url: str | None = Field(
+        None,
+        description="fsspec URL for artifacts and calibration uploads (s3://bucket/prefix, a shared folder); "
+        "default: <data_dir>/jobs on this machine",
+    )
+    artifacts_options: dict[str, Any] = Field(
+        default_factory=dict, description='fsspec storage options as JSON, e.g. {"endpoint_url": ...}'
+    )
     max_concurrent_jobs: Annotated[int | None, Field(ge=0)] = Field(
         None, description="jobs running at once; default: the number of GPUs, or 1 without one; 0 = drain"
     )
@@ -118,6 +139,9 @@ class Settings(BaseSettings):
     def concurrency(self) -> int:
         if self.max_concurrent_jobs is not None:
             return self.max_concurrent_jobs
+        if self.executor == "ray":
+            # Ray places jobs and holds the extra ones until a GPU frees; this caps jobs handed to it.
+            return 8
         return max(1, visible_gpu_count())
 
     @property
@@ -127,6 +151,14 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir.resolve() / "uploads"
+
+    def artifact_storage(self) -> Any:
+        """The remote artifact storage (server.storage.RemoteArtifacts), or None for <data_dir>/jobs."""
+        if not self.artifacts_url:
+            return None
+        from server.storage import RemoteArtifacts
+
+        return RemoteArtifacts(self.artifacts_url, self.artifacts_options)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
@@ -160,6 +192,8 @@ class Settings(BaseSettings):
                 value = value.resolve()
             if isinstance(value, list):
                 text = json.dumps([str(item) for item in value])
+            elif isinstance(value, dict):
+                text = json.dumps(value)
             elif isinstance(value, bool):
                 text = "true" if value else "false"
             else:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server.db import BEGIN_OPTION, make_engine
+from server.db import BEGIN_OPTION, CLAIM_LOCK, make_engine
 from server.models import (
     ACTIVE,
     CANCELLED,
@@ -149,7 +149,9 @@ class Store:
         now = utcnow()
         with self._write() as session:
             job = session.scalar(
-                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                select(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                .with_for_update()
             )
             if job is None:
                 return False
@@ -261,7 +263,7 @@ class Store:
         """Queued jobs end at once; running ones go to cancelling until their worker stops. Idempotent."""
         now = utcnow()
         with self._write() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 return None
             if job.status == QUEUED:
@@ -275,7 +277,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> Job | None:
         with self._write() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 return None
             if job.status not in TERMINAL:
@@ -290,6 +292,10 @@ class Store:
         """Start the oldest queued job if fewer than `capacity` run; the conditional UPDATE is the claim."""
         now = utcnow()
         with self._write() as session:
+            if self.engine.dialect.name == "postgresql":
+                # Claims from several servers take turns, so the count below is exact (capacity is
+                # for the whole store, not per server). SQLite's write lock does this already.
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
             active = session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE)))
             if active >= capacity:
                 return None
@@ -352,6 +358,18 @@ class Store:
             cancel = bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
             return Heartbeat(owned=owned, cancel_requested=cancel)
 
+    def extend_lease(self, job_id: str, attempt: int, lease_seconds: float) -> bool:
+        """The executor vouches for a worker that cannot heartbeat yet (queued in a cluster)."""
+        with self._write() as session:
+            return (
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                ).rowcount
+                == 1
+            )
+
     def active_jobs(self) -> list[Job]:
         with self._read() as session:
             return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)))
@@ -367,7 +385,9 @@ class Store:
         """The attempt's worker is gone: re-queue the job, or fail it with worker_lost after max_attempts."""
         with self._write() as session:
             job = session.scalar(
-                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                select(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                .with_for_update()
             )
             if job is None:
                 return None
@@ -407,7 +427,9 @@ class Store:
         """The worker's last word. A cancel request wins over any outcome. None: not the owner."""
         with self._write() as session:
             job = session.scalar(
-                select(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                select(Job)
+                .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(ACTIVE))
+                .with_for_update()
             )
             if job is None:
                 return None

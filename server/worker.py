@@ -153,7 +153,8 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
     finally:
         signals.deferred = True
         heartbeat.halt.set()
-        _clean(job_dir, attempt, keep_output=outcome == SUCCEEDED)
+        # With remote artifact storage the local copy is not needed once uploaded.
+        _clean(job_dir, attempt, keep_output=outcome == SUCCEEDED and not settings.artifacts_url)
         store.close()
     return 0 if outcome == SUCCEEDED else 1
 
@@ -174,23 +175,42 @@ def _run_job(
 
     request = PruneRequest.model_validate(request_data)
     admit(request, settings, lambda upload_id: store.get_upload(upload_id) is not None)
+    storage = settings.artifact_storage()
+    if storage is not None:
+        _fetch_uploads(request, store, storage, settings)
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     from pruning.engine import prune
 
     manifest = prune(request, out_dir, reporter=reporter, options=settings.engine_options())
     verify_folder(out_dir, manifest)
-    signals.deferred = True  # from here on a SIGTERM no longer interrupts: the job is done
     reporter.log("log", "artifacts verified against the manifest")
+    artifact_dir = out_dir.relative_to(settings.jobs_dir / job_id).as_posix()
+    if storage is not None:
+        storage.upload(out_dir, job_id, artifact_dir, manifest)
+        reporter.log("log", f"artifacts uploaded to {storage.url}")
+    signals.deferred = True  # from here on a SIGTERM no longer interrupts: the job is done
     revision = (manifest.get("model") or {}).get("revision")
     return store.finish(
         job_id,
         attempt,
         SUCCEEDED,
         manifest=json_safe(manifest),
-        artifact_dir=str(out_dir.relative_to(settings.jobs_dir / job_id)),
+        artifact_dir=artifact_dir,
         model_revision=str(revision)[:128] if revision else None,
     )
+
+
+def _fetch_uploads(request: Any, store: Store, storage: Any, settings: Settings) -> None:
+    """Calibration uploads named by the request, copied from shared storage to this host if missing."""
+    sources = [request.calibration.source, getattr(request.evaluation, "source", None)]
+    for source in sources:
+        if isinstance(source, str) and source.startswith("upload:"):
+            record = store.get_upload(source.removeprefix("upload:"))
+            if record is not None:
+                suffix = Path(record.filename).suffix.lower() or ".txt"
+                storage.fetch_upload(f"{record.id}{suffix}", settings.uploads_dir)
 
 
 def _clean(job_dir: Path, attempt: int, *, keep_output: bool) -> None:

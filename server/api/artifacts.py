@@ -1,45 +1,64 @@
-"""/v1/jobs/{id}/artifacts: the manifest, single files (HTTP Range, ETag = sha256) and a tar of all."""
+"""/v1/jobs/{id}/artifacts: the manifest, single files (HTTP Range, ETag = sha256) and a tar of all.
+
+Files are served from <data_dir>/jobs, or, with --artifacts URL, streamed from that storage with the
+same Range, If-Range, If-None-Match and ETag behaviour (server.ranges)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import artifacts
+from server import artifacts, ranges
 from server.api.jobs import JobId, find_job
 from server.deps import SettingsDep, StoreDep
 from server.models import SUCCEEDED, Job
 from server.problems import Problem
 from server.schemas import ArtifactFile, ArtifactList
 from server.settings import Settings
+from server.storage import RemoteArtifacts
 from server.store import Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 
-def _folder(settings: Settings, store: Store, job_id: str) -> tuple[Job, Path]:
+def _folder(
+    settings: Settings, store: Store, job_id: str, storage: RemoteArtifacts | None = None
+) -> tuple[Job, Path]:
     job = find_job(store, job_id)
     if job.status != SUCCEEDED or not job.artifact_dir or job.manifest is None:
         raise Problem(409, "not_ready", f"job {job.id} is {job.status}; artifacts exist once it succeeded")
     folder = settings.jobs_dir / job.id / job.artifact_dir
-    if not folder.is_dir():
+    there = storage.exists(job.id, job.artifact_dir) if storage is not None else folder.is_dir()
+    if not there:
         raise Problem(410, "gone", f"the artifacts of job {job.id} are no longer on the server")
     return job, folder
+
+
+def _storage(request: Request) -> RemoteArtifacts | None:
+    return request.app.state.storage
+
+
+def _listing(job: Job, folder: Path, storage: RemoteArtifacts | None) -> list[dict[str, Any]]:
+    assert job.manifest is not None and job.artifact_dir is not None
+    if storage is not None:
+        return storage.listing(job.id, job.artifact_dir, job.manifest)
+    return artifacts.listing(folder, job.manifest)
 
 
 @router.get(
     "/{job_id}/artifacts", response_model=ArtifactList, summary="The job's files with sizes and sha256"
 )
-def list_artifacts(job_id: JobId, settings: SettingsDep, store: StoreDep) -> ArtifactList:
-    job, folder = _folder(settings, store, job_id)
+def list_artifacts(job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep) -> ArtifactList:
+    storage = _storage(request)
+    job, folder = _folder(settings, store, job_id, storage)
     assert job.manifest is not None
     base = f"/v1/jobs/{job.id}/artifacts"
-    files = [ArtifactFile(url=f"{base}/{f['name']}", **f) for f in artifacts.listing(folder, job.manifest)]
+    files = [ArtifactFile(url=f"{base}/{f['name']}", **f) for f in _listing(job, folder, storage)]
     return ArtifactList(files=files, archive=f"/v1/jobs/{job.id}/artifacts.tar", manifest=job.manifest)
 
 
@@ -49,17 +68,25 @@ def list_artifacts(job_id: JobId, settings: SettingsDep, store: StoreDep) -> Art
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}},
 )
-async def archive(job_id: JobId, settings: SettingsDep, store: StoreDep) -> StreamingResponse:
-    job, folder = await run_in_threadpool(_folder, settings, store, job_id)
-    assert job.manifest is not None
-    files = await run_in_threadpool(artifacts.listing, folder, job.manifest)
+async def archive(
+    job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep
+) -> StreamingResponse:
+    storage = _storage(request)
+    job, folder = await run_in_threadpool(_folder, settings, store, job_id, storage)
+    assert job.manifest is not None and job.artifact_dir is not None
+    files = await run_in_threadpool(_listing, job, folder, storage)
     headers = {
         "Content-Length": str(artifacts.tar_size(files)),
         "Content-Disposition": f'attachment; filename="{job.id}.tar"',
     }
-    return StreamingResponse(
-        artifacts.tar_stream(folder, files, job.id), media_type="application/x-tar", headers=headers
-    )
+    if storage is not None:
+        artifact_dir = job.artifact_dir
+        stream = artifacts.tar_stream(
+            folder, files, job.id, read=lambda name: storage.read(job.id, artifact_dir, name)
+        )
+    else:
+        stream = artifacts.tar_stream(folder, files, job.id)
+    return StreamingResponse(stream, media_type="application/x-tar", headers=headers)
 
 
 @router.get(
@@ -76,17 +103,29 @@ async def download(
     store: StoreDep,
     if_none_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
-    job, folder = await run_in_threadpool(_folder, settings, store, job_id)
-    assert job.manifest is not None
-    found = await run_in_threadpool(artifacts.lookup, folder, job.manifest, name)
-    if found is None:
+    storage = _storage(request)
+    job, folder = await run_in_threadpool(_folder, settings, store, job_id, storage)
+    assert job.manifest is not None and job.artifact_dir is not None
+    files = await run_in_threadpool(_listing, job, folder, storage)
+    entry = next((f for f in files if f["name"] == name), None)
+    if entry is None:
         raise Problem(
             404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts"
         )
-    path, entry = found
     etag = f'"{entry["sha256"]}"'
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
+    if storage is not None:
+        artifact_dir = job.artifact_dir
+        return ranges.ranged_response(
+            lambda start, length: storage.read(job.id, artifact_dir, entry["name"], start, length),
+            size=entry["size"],
+            etag=etag,
+            filename=Path(entry["name"]).name,
+            range_header=request.headers.get("range"),
+            if_range=request.headers.get("if-range"),
+        )
+    path = folder / entry["name"]  # the name comes from the manifest, never from the URL
     return FileResponse(
         path,
         media_type="application/octet-stream",

@@ -8,7 +8,7 @@ import re
 import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from pruning.config import PruneRequest
@@ -151,7 +151,7 @@ def cancel(job_id: JobId, store: StoreDep) -> JobOut:
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete a finished job and its artifacts")
-async def delete(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
+async def delete(job_id: JobId, request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     job = await run_in_threadpool(find_job, store, job_id)
     if job.status not in TERMINAL:
         raise Problem(409, "conflict", f"job {job_id} is {job.status}; cancel it first")
@@ -160,4 +160,6 @@ async def delete(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Respo
     except NotTerminal as exc:
         raise Problem(409, "conflict", f"job {job_id} is {exc}; cancel it first") from exc
     await run_in_threadpool(shutil.rmtree, settings.jobs_dir / job.id, True)
+    if request.app.state.storage is not None:
+        await run_in_threadpool(request.app.state.storage.remove, job.id)
     return Response(status_code=204)

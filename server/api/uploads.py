@@ -146,7 +146,11 @@ async def upload(
             os.fsync(out.fileno())
         suffix = _suffix(filename)
         await run_in_threadpool(_check_content, temporary, suffix)
-        os.replace(temporary, settings.uploads_dir / f"{upload_id}{suffix}")
+        stored = settings.uploads_dir / f"{upload_id}{suffix}"
+        os.replace(temporary, stored)
+        storage = request.app.state.storage
+        if storage is not None:  # workers on other hosts fetch it from there
+            await run_in_threadpool(storage.store_upload, stored)
     finally:
         temporary.unlink(missing_ok=True)
     record = await run_in_threadpool(

@@ -1,5 +1,5 @@
 """Executors start and stop workers (`shears worker JOB_ID`). The job store, not the executor, holds
-the state, so an executor can be swapped (local processes today, a cluster scheduler later)."""
+the state, so an executor can be swapped: local processes, or Ray jobs on a cluster (executors/ray.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from server.settings import Settings
 class Executor(Protocol):
     name: str
 
-    def launch(self, job_id: str, attempt: int) -> tuple[str, int]:
-        """Start the worker for this attempt; returns (host, pid) to record in the store."""
+    def launch(self, job_id: str, attempt: int) -> tuple[str, int | None]:
+        """Start the worker for this attempt; returns (host, pid) to record in the store (pid None: the
+        worker records where it runs itself)."""
 
     def exited(self) -> list[tuple[str, int, int]]:
         """(job id, attempt, exit code) of the workers that ended since the last call."""
@@ -33,4 +34,8 @@ def make_executor(settings: Settings) -> Executor:
         from server.executors.local import LocalExecutor
 
         return LocalExecutor(settings)
+    if settings.executor == "ray":
+        from server.executors.ray import RayExecutor
+
+        return RayExecutor(settings)
     raise ValueError(f"unknown executor {settings.executor!r}")  # pragma: no cover

@@ -191,3 +191,41 @@ def process_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the whole session; `new_database()` per test."""
+    from tests.server.services import PostgresCluster
+
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job store's URL: a SQLite file, or a fresh database in the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shears.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3-compatible server on 127.0.0.1 with one bucket, for the fsspec artifact storage."""
+    from tests.server.services import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Any]:
+    """A local Ray head on 127.0.0.1 (2 CPUs, no GPU) for the Ray executor's tests."""
+    from tests.server.services import RayHead
+
+    head = RayHead()
+    yield head
+    head.stop()

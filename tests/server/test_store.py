@@ -1,9 +1,11 @@
-"""The job store on a real SQLite file: claims, ownership, recovery, idempotency, events, migrations."""
+"""The job store on a real SQLite file and a real PostgreSQL database (every test runs on both): claims,
+ownership, recovery, idempotency, events, migrations."""
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +20,50 @@ REQUEST = {"model": "smollm2-135m", "method": "wanda", "sparsity": 0.5}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'shears.db'}")
+def store(store_url: str) -> Iterator[Store]:
+    store = Store(store_url)
     migrate(store.engine)
-    return store
+    yield store
+    store.close()
 
 
-def test_migrations_build_the_models_schema(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+def test_migrations_build_the_models_schema(store_url: str) -> None:
+    engine = make_engine(store_url)
     assert not schema_is_current(engine)
     migrate(engine)
     migrate(engine)  # idempotent
     assert schema_is_current(engine)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-    assert engine.connect().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        if engine.dialect.name == "sqlite":
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        else:
+            assert engine.dialect.driver == "psycopg"  # a plain postgresql:// URL means psycopg 3
+    engine.dispose()
+
+
+def _migrate(url: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        out.put(schema_is_current(engine))
+    except Exception as exc:  # reported to the test, which fails with it
+        out.put(repr(exc))
+    finally:
+        engine.dispose()
+
+
+def test_servers_starting_at_once_migrate_once(store_url: str) -> None:
+    """Several API servers starting together against a fresh store: one migrates, the others wait for it."""
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
+    processes = [context.Process(target=_migrate, args=(store_url, results)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    assert outcomes == [True, True, True]
 
 
 def test_idempotency_key(store: Store) -> None:
@@ -81,7 +112,8 @@ def test_each_job_is_claimed_once_across_processes(store: Store, tmp_path: Path)
     ids = {store.create_job(REQUEST, max_attempts=3)[0].id for _ in range(40)}
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
-    workers = [context.Process(target=_claim_all, args=(str(store.engine.url), results)) for _ in range(3)]
+    url = store.engine.url.render_as_string(hide_password=False)
+    workers = [context.Process(target=_claim_all, args=(url, results)) for _ in range(3)]
     for worker in workers:
         worker.start()
     claimed = [job_id for _ in workers for job_id in results.get(timeout=120)]
@@ -179,3 +211,24 @@ def test_progress_and_eta_from_the_phase_pace(store: Store) -> None:
     assert out.progress.eta_seconds is not None and 19 <= out.progress.eta_seconds <= 21  # 4 blocks at 5 s
     assert store.add_event(job.id, 1, "phase", phase="evaluating")
     assert job_out(store.get_job(job.id)).progress is None
+
+
+def test_concurrent_recovery_of_one_attempt_acts_once(store: Store) -> None:
+    """Two servers noticing the same lost worker at once: one re-queues, the other finds nothing to do."""
+    job = store.create_job(REQUEST, max_attempts=3)[0]
+    store.claim_next(capacity=1, lease_seconds=30)
+    outcomes: list[str | None] = []
+    barrier = threading.Barrier(4)
+
+    def recover() -> None:
+        barrier.wait()
+        outcomes.append(store.recover_lost(job.id, 1, "test"))
+
+    threads = [threading.Thread(target=recover) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes, key=str) == [None, None, None, "queued"]
+    states = [e.data["status"] for e in store.events(job.id) if e.kind == "state"]
+    assert states == ["queued", "running", "queued"]
