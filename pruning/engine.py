@@ -23,7 +23,7 @@ from pruning.models import ResolvedModel, resolve_model
 from pruning.output import copy_model_files, verify_output, write_manifest
 from pruning.plan import layer_targets, owl_block_sparsities
 from pruning.progress import Event, Reporter, silent
-from pruning.resources import PhaseClock
+from pruning.resources import PhaseClock, release_freed_memory
 from pruning.shards import ShardWriter, TensorSpec, plan_shards
 from pruning.skeleton import Skeleton, build_skeleton
 from pruning.streaming import Batch, capture_inputs, run_block
@@ -271,6 +271,8 @@ class _Job:
                     batch.hidden = run_block(block, batch, device)
             self._write_block(skeleton, index, writer, {n + ".weight": w for n, w in masters.items()})
             skeleton.release_block(index)
+            del masters, dense_out
+            release_freed_memory()
             all_layers += results
             output_error = squared_error / squared_norm if squared_norm else None
             blocks.append(

@@ -31,6 +31,7 @@ def demo_request(model: str, samples: int, seqlen: int, eval_tokens: int) -> dic
         "pattern": "2:4",
         "calibration": {"source": "builtin", "samples": samples, "seqlen": seqlen, "seed": 0},
         "evaluation": {"enabled": True, "seqlen": seqlen, "max_tokens": eval_tokens},
+        "formats": ["dense", "packed"],
     }
 
 
