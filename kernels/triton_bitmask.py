@@ -17,7 +17,14 @@ import triton.language as tl
 
 from kernels.configs import BITMASK_CHUNK, KernelConfig, split_tiles
 from kernels.formats import PackedBitmask, row_popcounts
-from kernels.triton_common import SUPPORTED_DTYPES, interpreting, output_buffers, store_split_k, tile_counters
+from kernels.triton_common import (
+    SUPPORTED_DTYPES,
+    accumulate_tile,
+    interpreting,
+    output_buffers,
+    store_split_k,
+    tile_counters,
+)
 
 
 def supports(packed: PackedBitmask, dtype: torch.dtype) -> bool:
@@ -198,16 +205,7 @@ def _bitmask_gemm_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        xt = tl.load(
-            x_ptr + x_rows[:, None] + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0
-        )
-        if UPCAST:  # the interpreter's bf16 tl.dot returns garbage (triton 3.9): multiply in fp32 there
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(w), acc)
+        acc = accumulate_tile(acc, w, x_ptr, x_rows, m_mask, t, K, BLOCK_K, IEEE, UPCAST)
     tile_id = pid_m * tl.num_programs(0) + pid_n
     out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     store_split_k(

@@ -40,6 +40,33 @@ def output_buffers(x: torch.Tensor, rows: int, splits: int) -> tuple[torch.Tenso
 
 
 @triton.jit
+def accumulate_tile(
+    acc,
+    w,
+    x_ptr,
+    x_rows,
+    m_mask,
+    t,
+    K,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """acc + x[:, tile t] @ w^T for a weight tile `w` [BLOCK_N, BLOCK_K] already expanded to dense."""
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    xt = tl.load(
+        x_ptr + x_rows[:, None] + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0
+    )
+    if UPCAST:  # the interpreter's bf16 tl.dot returns garbage (triton 3.9): multiply in fp32 there
+        acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xt, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def store_split_k(
     acc,
     out_ptr,
