@@ -18,6 +18,8 @@ import torch
 
 from pruning.checkpoint import INDEX, SAFETENSORS_DTYPE
 
+_WRITE_ELEMENTS = 1 << 22
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -93,10 +95,12 @@ class ShardWriter:
         if self._handle is None:
             self._handle = open(self.folder / shard.file, "wb")  # noqa: SIM115 - spans many calls
             self._handle.write(_header(shard))
-        data = tensor.detach().to("cpu", spec.dtype).contiguous()
-        if data.is_floating_point():
-            data = data + 0.0  # -0.0 -> +0.0: same value, and one byte pattern for a zero
-        self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        flat = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
+        # In slices, so that normalising a large tensor (an embedding) never doubles its memory.
+        for piece in flat.split(_WRITE_ELEMENTS):
+            if piece.is_floating_point():
+                piece = piece + 0.0  # -0.0 -> +0.0: same value, and one byte pattern for a zero
+            self._handle.write(memoryview(piece.view(torch.uint8).numpy()))
         self._position += 1
         if self._position == len(self._queue) or self._queue[self._position][0] is not shard:
             self._close()
