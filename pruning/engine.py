@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pruning.block_pruner import LayerResult, prune_block
+from pruning.checkpoint import Checkpoint
 from pruning.config import EngineOptions, PruneRequest
 from pruning.errors import InvalidRequest, OutOfMemory
 from pruning.evaluate import eval_batch_size, finish, split_windows
@@ -164,26 +165,26 @@ class _Job:
         request = self.request
         model = resolve_model(request.model, request.revision, self.options)
         device = pick_device(request.device)
+        checkpoint = Checkpoint(model.path)  # read the shard headers once
         skeleton = build_skeleton(
             model.path,
             device=device,
-            dtype=self._compute_dtype(model, device),
+            dtype=self._compute_dtype(checkpoint, device),
             trust_remote_code=self.options.trust_remote_code,
+            checkpoint=checkpoint,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             model.path, trust_remote_code=self.options.trust_remote_code
         )
         return model, skeleton, tokenizer
 
-    def _compute_dtype(self, model: ResolvedModel, device: torch.device) -> torch.dtype:
+    def _compute_dtype(self, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
         """The dtype of block forwards (statistics stay fp32 and solves run on the stored weights)."""
         if self.request.compute_dtype != "auto":
             return _DTYPES[self.request.compute_dtype]
         if device.type == "cpu" and not cpu_has_fast_bf16():
             return torch.float32
-        from pruning.checkpoint import Checkpoint
-
-        source = Checkpoint(model.path).dominant_dtype()
+        source = checkpoint.dominant_dtype()
         return torch.float16 if source == torch.float16 and device.type == "cuda" else torch.bfloat16
 
     def _output_dtype(self, skeleton: Skeleton) -> torch.dtype | None:

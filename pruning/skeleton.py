@@ -92,6 +92,7 @@ def build_skeleton(
     device: torch.device,
     dtype: torch.dtype,
     trust_remote_code: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> Skeleton:
     """Load the config and every tensor outside the decoder blocks; leave the blocks on meta."""
     try:
@@ -108,7 +109,7 @@ def build_skeleton(
             ) from exc
     model.eval()
     prefix, blocks = find_blocks(model, _num_layers(config))
-    checkpoint = Checkpoint(folder)
+    checkpoint = checkpoint or Checkpoint(folder)
 
     outside = [name for name, _ in model.named_parameters() if not name.startswith(prefix + ".")]
     present = [name for name in outside if name in checkpoint.file_of]
