@@ -78,14 +78,6 @@ def listing(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return files
 
 
-def lookup(folder: Path, manifest: dict[str, Any], name: str) -> tuple[Path, dict[str, Any]] | None:
-    """The file a download names, if the manifest lists it; the path comes from the manifest entry."""
-    for entry in listing(folder, manifest):
-        if entry["name"] == name:
-            return folder / entry["name"], entry
-    return None
-
-
 def tar_size(files: list[dict[str, Any]]) -> int:
     """Bytes of the uncompressed tar `tar_stream` writes (ustar headers, 512-byte blocks, end marker)."""
     return sum(512 + -(-f["size"] // 512) * 512 for f in files) + 1024
