@@ -15,6 +15,7 @@ from torch import nn
 
 from pruning.config import Pattern, PruneRequest
 from pruning.masks import achieved_sparsity
+from pruning.resources import release_freed_memory
 from pruning.solvers import PreparedHessian, layer_error, prepare_hessian, solve
 from pruning.stats import HessianAccumulator, InputNormAccumulator
 from pruning.streaming import Batch, run_block
@@ -117,6 +118,7 @@ def _solve_layers(
             block_size=request.sparsegpt.block_size,
             damp=request.sparsegpt.damp,
             prepared=prepared.get(id(acc)),
+            refine_iterations=request.sparsegpt.refine_iterations,
         )
         error = layer_error(weight, pruned, hessian) if hessian is not None else None
         masters[name] = pruned
@@ -143,14 +145,18 @@ def collect(
     device: torch.device,
     outputs: list[torch.Tensor] | None = None,
 ) -> InputStats:
-    """One forward pass over the calibration batches with statistics hooks on `layers`."""
+    """One forward pass over the calibration batches with statistics hooks on `layers`.
+
+    `outputs`, if given, are buffers shaped like the leading batches' hidden states that receive
+    the block's outputs (a batch's own `hidden` may be its buffer: its input is read before).
+    """
     stats = InputStats(layers, kind, device)
     with stats:
         for index, batch in enumerate(batches):
             out = run_block(block, batch, device)
             stats.after_batch()
-            if outputs is not None:
-                outputs[index] = out
+            if outputs is not None and index < len(outputs):
+                outputs[index].copy_(out)
     return stats
 
 
@@ -163,22 +169,24 @@ def prune_block(
     batches: list[Batch],
     request: PruneRequest,
     device: torch.device,
-) -> tuple[list[LayerResult], list[torch.Tensor]]:
-    """Prune `layers` (a subset of the block's linears); return results and the dense outputs.
+    dense_outputs: list[torch.Tensor],
+) -> tuple[list[LayerResult], bool]:
+    """Prune `layers` (a subset of the block's linears); return results and whether
+    `dense_outputs` (buffers for the leading batches) now hold the block's dense outputs.
 
     `masters` holds each layer's weight in storage precision (the block may compute in bf16); the
     solvers work on those and leave the pruned weights in it.
 
-    The dense outputs of the block (from the first statistics pass, before any weight changed)
-    come back so the caller can measure the pruned block's output error against them.
+    The dense outputs come from the first statistics pass, before any weight changed, so the
+    caller can measure the pruned block's output error against them.
     """
     kind = "hessian" if request.method == "sparsegpt" else "norms"
     if request.method == "magnitude" or not batches:
-        return _solve_layers(layers, None, targets, masters, request), []
-    dense_outputs: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+        return _solve_layers(layers, None, targets, masters, request), False
     stats = collect(block, layers, kind, batches, device, dense_outputs)
+    release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones
     if not request.true_sequential:
-        return _solve_layers(layers, stats, targets, masters, request), dense_outputs
+        return _solve_layers(layers, stats, targets, masters, request), True
     # True sequential: each later group of layers sharing an input gets statistics gathered after
     # the groups before it were pruned, so its solve sees the inputs the pruned block will produce.
     groups = stats.groups or []
@@ -187,4 +195,4 @@ def prune_block(
         subset = {name: layers[name] for name in group}
         stats = collect(block, subset, kind, batches, device)
         results += _solve_layers(subset, stats, targets, masters, request)
-    return results, dense_outputs
+    return results, True

@@ -1,17 +1,68 @@
-"""Read tensors from a folder's safetensors shards by name, one block's worth at a time."""
+"""Read tensors from a folder's safetensors shards by name, one block's worth at a time.
+
+Tensors are read with plain file reads into fresh tensors, not through a memory map: a mapped
+shard's touched pages count in the process's resident size for as long as it stays mapped, and
+a block-by-block job should hold one block, not the pages of every tensor it has read.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from pruning.errors import ModelUnavailable
 
 INDEX = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 2**20  # the safetensors reference refuses larger headers too
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the shard
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """The tensors (name -> entry) and the `__metadata__` of one safetensors file, validated."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= length <= min(_MAX_HEADER, size - 8):
+            raise ModelUnavailable(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelUnavailable(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelUnavailable(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + length
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelUnavailable(f"{path}: tensor {name!r} has a malformed header entry ({exc!r})") from exc
+        nbytes = _numel(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or end - begin != nbytes or begin < 0 or base + end > size:
+            raise ModelUnavailable(
+                f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) has data offsets "
+                f"[{begin}, {end}] that do not fit its size or the file; the file is corrupt or truncated"
+            )
+        entries[name] = _Entry(path.name, dtype, shape, base + begin, nbytes)
+    return entries, metadata
 
 
 class Checkpoint:
@@ -22,40 +73,41 @@ class Checkpoint:
         index = folder / INDEX
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
         else:
             shards = sorted(p.name for p in folder.glob("*.safetensors") if not p.name.startswith("sparse"))
             if not shards:
                 raise ModelUnavailable(f"{folder}: no safetensors weights")
-            weight_map = {}
-            for shard in shards:
-                with safe_open(folder / shard, framework="pt") as handle:
-                    weight_map.update(dict.fromkeys(handle.keys(), shard))
-        self.file_of = weight_map
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        for shard in sorted(set(weight_map.values())):
-            with safe_open(folder / shard, framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    piece = handle.get_slice(name)
-                    self.shapes[name] = tuple(piece.get_shape())
-                    self.dtypes[name] = _DTYPES[piece.get_dtype()]
+        entries: dict[str, _Entry] = {}
+        for shard in shards:
+            entries.update(read_header(folder / shard)[0])
+        if index.is_file():
+            missing = sorted(set(weight_map) - set(entries))
+            if missing:
+                raise ModelUnavailable(f"{folder}: the index lists tensors no shard holds: {missing[:5]}")
+            entries = {name: entries[name] for name in weight_map}
+        self._entries = entries
+        self.file_of = {name: e.shard for name, e in entries.items()}
+        self.shapes: dict[str, tuple[int, ...]] = {name: e.shape for name, e in entries.items()}
+        self.dtypes: dict[str, torch.dtype] = {name: e.dtype for name, e in entries.items()}
 
     @property
     def names(self) -> list[str]:
         return list(self.file_of)
 
     def load(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            if name not in self.file_of:
+        wanted = list(names)
+        for name in wanted:
+            if name not in self._entries:
                 raise ModelUnavailable(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
-            by_file.setdefault(self.file_of[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
-        for shard, shard_names in by_file.items():
-            with safe_open(self.folder / shard, framework="pt", device=str(device)) as handle:
-                for name in shard_names:
-                    tensors[name] = handle.get_tensor(name)
-        return tensors
+        for shard in dict.fromkeys(self._entries[name].shard for name in wanted):
+            path = self.folder / shard
+            with path.open("rb", buffering=0) as handle:
+                for name in wanted:
+                    if self._entries[name].shard == shard:
+                        tensors[name] = _read(handle, self._entries[name], path).to(device)
+        return {name: tensors[name] for name in wanted}
 
     def dominant_dtype(self) -> torch.dtype:
         """The dtype holding most parameters: what 'auto' means for output weights."""
@@ -64,6 +116,19 @@ class Checkpoint:
             if self.dtypes[name].is_floating_point:
                 totals[self.dtypes[name]] = totals.get(self.dtypes[name], 0) + _numel(shape)
         return max(totals, key=lambda d: totals[d]) if totals else torch.float32
+
+
+def _read(handle: BinaryIO, entry: _Entry, path: Path) -> torch.Tensor:
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < entry.nbytes:  # preadv may return short counts on some filesystems
+            got = os.preadv(handle.fileno(), [view[done:]], entry.start + done)
+            if got <= 0:
+                raise ModelUnavailable(f"{path}: truncated at byte {entry.start + done}")
+            done += got
+    return tensor
 
 
 def _numel(shape: tuple[int, ...]) -> int:

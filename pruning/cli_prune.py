@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--override", action="append", default=[], metavar="REGEX=SPARSITY")
     prune.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
     prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument(
+        "--refine-iterations",
+        type=int,
+        help="SparseGPT: iterations re-fitting kept weights to the final mask "
+        "(default 10; 0: the paper's algorithm)",
+    )
     prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -65,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
-    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest
+    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest, SparseGPTSpec
 
     if args.request:
         return PruneRequest.model_validate_json(args.request.read_text())
@@ -102,6 +108,9 @@ def _request_from_args(args: argparse.Namespace) -> Any:
         ),
         overrides=overrides,
         true_sequential=args.true_sequential,
+        sparsegpt=SparseGPTSpec(
+            **({} if args.refine_iterations is None else {"refine_iterations": args.refine_iterations})
+        ),
         dtype=args.dtype,
         compute_dtype=args.compute_dtype,
         device=args.device,

@@ -82,6 +82,11 @@ class OwlSpec(Strict):
 class SparseGPTSpec(Strict):
     block_size: Annotated[int, Field(ge=1, le=4096)] = 128
     damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
+        10,
+        description="conjugate-gradient iterations re-fitting the kept weights to the final mask "
+        "(least squares under the damped Hessian); 0 gives the paper's SparseGPT",
+    )
 
 
 class PruneRequest(Strict):

@@ -24,10 +24,13 @@ from pruning.models import ResolvedModel, resolve_model
 from pruning.output import copy_model_files, verify_output, write_manifest
 from pruning.plan import layer_targets, owl_block_sparsities
 from pruning.progress import Event, Reporter, silent
-from pruning.resources import PhaseClock, release_freed_memory
+from pruning.resources import PhaseClock, release_freed_memory, tune_malloc
 from pruning.shards import ShardWriter, TensorSpec, plan_shards
 from pruning.skeleton import Skeleton, build_skeleton
-from pruning.streaming import Batch, capture_inputs, run_block
+from pruning.streaming import Batch, advance, capture_inputs, run_block
+
+ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
+CPU_FORWARD_TOKENS = 1024  # measured on SmolLM2 blocks: as fast as 4096, a quarter of the peak heap
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +63,7 @@ def prune(
 
     Returns the manifest (also written as out_dir/manifest.json).
     """
+    tune_malloc()
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InvalidRequest(f"output folder {str(out_dir)!r} already exists; choose a new one")
@@ -99,6 +103,10 @@ class _Job:
             windows, calib, dense_eval, eval_ids = self._calibrate(model, skeleton, tokenizer)
             if request.owl is not None:
                 targets = layer_targets(skeleton, request, owl_block_sparsities(skeleton, calib, request))
+            del tokenizer  # the windows are token ids now
+            if not eval_ids:  # nothing left to run through the embeddings or the head
+                skeleton.release_outside()
+            release_freed_memory()
         pruned_eval = [Batch(b.hidden.clone(), b.kwargs) for b in dense_eval]
         writer = ShardWriter(
             self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes)
@@ -211,9 +219,13 @@ class _Job:
         store = skeleton.device
         calib: list[Batch] = []
         if request.method != "magnitude" or request.owl is not None:
-            calib = capture_inputs(
-                skeleton, iter_batches(windows.calibration, request.calibration.batch_size), store
-            )
+            batch_size = request.calibration.batch_size
+            if store.type == "cpu":
+                # Sums of statistics do not depend on the batching; a CPU forward's temporaries
+                # (and the heap they fragment) grow with its token count, its speed does not.
+                batch_size = max(1, min(batch_size, CPU_FORWARD_TOKENS // windows.calibration.shape[1]))
+            windows.info["forward_batch_size"] = batch_size
+            calib = capture_inputs(skeleton, iter_batches(windows.calibration, batch_size), store)
         eval_ids: list[torch.Tensor] = []
         dense_eval: list[Batch] = []
         if windows.evaluation is not None:
@@ -252,27 +264,36 @@ class _Job:
         total = skeleton.num_blocks
         all_layers: list[LayerResult] = []
         blocks: list[dict[str, Any]] = []
+        # The block output error is measured on the first ERROR_SAMPLE_TOKENS calibration tokens:
+        # holding every batch's dense output would cost a second copy of all activations.
+        sampled = _leading_batches(calib, ERROR_SAMPLE_TOKENS)
+        dense_out = [torch.empty_like(batch.hidden) for batch in calib[:sampled]]  # reused by every block
+        sampled_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:sampled])
         for index in range(total):
             block = skeleton.materialize_block(index)
             with torch.inference_mode():
                 for batch in dense_eval:
-                    batch.hidden = run_block(block, batch, device)
+                    advance(block, batch, device)
                 layers = {n: m for n, m in skeleton.linear_layers(index).items() if targets[n] is not None}
                 chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
                 masters = self._masters(skeleton, layers)
-                results, dense_out = prune_block(block, layers, chosen, masters, calib, self.request, device)
+                results, measured = prune_block(
+                    block, layers, chosen, masters, calib, self.request, device, dense_out
+                )
                 squared_error = squared_norm = 0.0
                 for position, batch in enumerate(calib):
                     out = run_block(block, batch, device)
-                    if dense_out:
-                        squared_error += float((out.float() - dense_out[position].float()).pow(2).sum())
-                        squared_norm += float(dense_out[position].float().pow(2).sum())
-                    batch.hidden = out
+                    if measured and position < sampled:
+                        dense = dense_out[position]
+                        squared_error += float(out.float().sub_(dense).square_().sum())
+                        squared_norm += float(dense.float().square_().sum())
+                    batch.hidden.copy_(out)
+                    del out
                 for batch in pruned_eval:
-                    batch.hidden = run_block(block, batch, device)
+                    advance(block, batch, device)
             self._write_block(skeleton, index, writer, {n + ".weight": w for n, w in masters.items()})
             skeleton.release_block(index)
-            del masters, dense_out
+            del masters
             release_freed_memory()
             all_layers += results
             output_error = squared_error / squared_norm if squared_norm else None
@@ -280,6 +301,7 @@ class _Job:
                 {
                     "index": index,
                     "output_error": output_error,
+                    "output_error_tokens": sampled_tokens if output_error is not None else 0,
                     "seconds": round(sum(r.seconds for r in results), 4),
                 }
             )
@@ -308,6 +330,17 @@ class _Job:
         originals = skeleton.checkpoint.load([n for n in names if n not in pruned])
         for name in names:
             writer.write(name, pruned[name] if name in pruned else originals[name])
+
+
+def _leading_batches(batches: list[Batch], tokens: int) -> int:
+    """How many leading batches hold at most `tokens` tokens (at least one, if there is any)."""
+    count = total = 0
+    for batch in batches:
+        total += batch.hidden.shape[:-1].numel()
+        if count and total > tokens:
+            break
+        count += 1
+    return count
 
 
 def _outside_names(skeleton: Skeleton) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.skeleton import Skeleton, build_skeleton
-from pruning.streaming import Batch, capture_inputs, head_logits, run_block
+from pruning.streaming import Batch, advance, capture_inputs, head_logits
 
 LOGITS_BUDGET_BYTES = 64 << 20
 
@@ -82,6 +82,6 @@ def perplexity_of_folder(
     for index in range(skeleton.num_blocks):
         block = skeleton.materialize_block(index)
         for batch in hidden:
-            batch.hidden = run_block(block, batch, device)
+            advance(block, batch, device)
         skeleton.release_block(index)
     return finish(skeleton, id_batches, hidden)

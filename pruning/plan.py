@@ -55,15 +55,12 @@ def owl_block_sparsities(skeleton: Skeleton, calib: list[Batch], request: PruneR
     for index in range(skeleton.num_blocks):
         block = skeleton.materialize_block(index)
         layers = skeleton.linear_layers(index)
-        outputs: list[torch.Tensor] = [torch.empty(0)] * len(stream)
-        stats = collect(block, layers, "norms", stream, device, outputs)
+        stats = collect(block, layers, "norms", stream, device, [batch.hidden for batch in stream])
         pairs = []
         for name, layer in layers.items():
             acc = stats.of(name)
             assert isinstance(acc, InputNormAccumulator)
             pairs.append((layer.weight.data, acc.sq_norm))
         ratios.append(outlier_ratio(pairs, request.owl.threshold))
-        for batch, out in zip(stream, outputs, strict=True):
-            batch.hidden = out
         skeleton.release_block(index)
     return owl_sparsities(ratios, request.sparsity, request.owl.lam)

@@ -37,6 +37,26 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, from glibc's malloc.h
+_M_ARENA_MAX = -8
+
+
+def tune_malloc(arenas: int = 2, mmap_threshold: int = 8 * 2**20) -> None:
+    """Make glibc hand large freed buffers back to the OS, and cap its per-thread arenas.
+
+    glibc raises its mmap threshold after every large free (up to 32 MiB), so a block's Hessian
+    and factor buffers (9 MiB each for a 1536-wide input) land on the heap between activations
+    and stay resident after they are freed; a fixed threshold keeps them mmapped. Each of torch's
+    worker threads also gets its own arena with its own freed temporaries. Measured on SmolLM2
+    SparseGPT, 2 cores: peak RSS 791 -> 732 MiB with 2 arenas, -> about 660 MiB with the 8 MiB
+    threshold too, for about 10% more pruning time (page faults on the big buffers). Applies to
+    arenas and allocations after the call; a no-op outside glibc.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_ARENA_MAX, arenas)
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

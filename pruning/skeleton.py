@@ -61,6 +61,14 @@ class Skeleton:
     def release_block(self, index: int) -> None:
         self.blocks[index].to("meta")
 
+    def release_outside(self) -> None:
+        """Drop the embeddings, final norm and head (a job with no evaluation needs them only to
+        capture block 0's inputs)."""
+        prefix = self.blocks_prefix + "."
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):  # tied too
+            if not name.startswith(prefix) and not param.is_meta:
+                set_module_tensor_to_device(self.model, name, "meta")
+
 
 def _num_layers(config: PretrainedConfig) -> int:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):

@@ -92,6 +92,16 @@ def run_block(block: nn.Module, batch: Batch, device: torch.device) -> torch.Ten
     return out.to(batch.hidden.device)
 
 
+def advance(block: nn.Module, batch: Batch, device: torch.device) -> None:
+    """Replace the batch's hidden states by the block's output, in the same buffer.
+
+    Each batch's buffer is allocated once, at capture, and reused by every block: fresh outputs
+    per block would interleave long-lived activations with the forward's temporaries on the heap,
+    and the fragmentation shows up as resident memory the job does not use.
+    """
+    batch.hidden.copy_(run_block(block, batch, device))
+
+
 def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)

@@ -55,6 +55,13 @@ def make_row(method: str, pattern: str, shears: ToolResult, peer: ToolResult) ->
     return row
 
 
+def add_plain(row: dict[str, Any], plain: ToolResult) -> None:
+    """Shears' SparseGPT without its mask re-fit (--refine-iterations 0): the paper's algorithm."""
+    row["shears_plain"] = plain.to_dict()
+    row["plain_ppl_ratio"] = ratio(plain.ppl, row["peer"]["ppl"])
+    row["plain_time_ratio"] = ratio(plain.prune_s, row["peer"]["prune_s"])
+
+
 def targets_met(row: dict[str, Any]) -> dict[str, bool | None]:
     """Each target: True / False, or None where it does not apply or a side has no number."""
 
@@ -153,6 +160,15 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"- {row['method']} {row['pattern']}: llm-compressor {row['peer']['status']}: "
                 f"{row['peer']['note']}"
+            )
+    for row in data["rows"]:
+        if "shears_plain" in row:
+            plain = row["shears_plain"]
+            lines.append(
+                f"- {row['method']} {row['pattern']}, Shears without the re-fit of kept weights "
+                f"(`--refine-iterations 0`, the paper's algorithm): ppl {_side(plain, 'ppl', 3)} "
+                f"(ratio {_num(row['plain_ppl_ratio'], 4)}), prune {_side(plain, 'prune_s', 1)} s "
+                f"(ratio {_num(row['plain_time_ratio'], 3)}), peak RSS {_side(plain, 'peak_rss_mb', 0)} MiB."
             )
     floors = data.get("import_floor") or {}
     if floors:

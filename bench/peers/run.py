@@ -13,6 +13,7 @@ Usage: python -m bench.peers.run [--methods ...] [--patterns ...] [--no-scaling]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -41,6 +42,7 @@ from bench.peers.tools import (
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PEER_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
+PLAIN_SPARSEGPT_FLAGS = ("--refine-iterations", "0")
 
 
 class BenchConfig(BaseModel):
@@ -210,10 +212,16 @@ class Bench:
     def _both(
         self, job: Job, name: str, weight_names: list[str], evaluate: bool
     ) -> tuple[ToolResult, ToolResult]:
+        shears, peer = self._runs(job, name, weight_names, evaluate, ("shears", "peer"))
+        return shears, peer
+
+    def _runs(
+        self, job: Job, name: str, weight_names: list[str], evaluate: bool, tools: tuple[str, ...]
+    ) -> list[ToolResult]:
         from pruning.evaluate import perplexity_of_folder
 
         results = []
-        for tool in ("shears", "peer"):
+        for tool in tools:
             out, log = self.work / "out" / f"{name}-{tool}", self.work / "logs" / f"{name}-{tool}.log"
             load = [round(x, 2) for x in os.getloadavg()]
             if tool == "shears":
@@ -242,7 +250,7 @@ class Bench:
                 f"rss={result.peak_rss_mb} sparsity={result.sparsity} ppl={result.ppl} {result.note[:200]}"
             )
             results.append(result)
-        return results[0], results[1]
+        return results
 
     def _job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
         from pruning.config import Pattern
@@ -270,7 +278,13 @@ class Bench:
                     self.data["tools"]["llm-compressor"] = {
                         k: peer.details[k] for k in ("version", "transformers", "torch") if k in peer.details
                     }
-                self.data["rows"].append(report.make_row(method, pattern, shears, peer))
+                row = report.make_row(method, pattern, shears, peer)
+                if method == "sparsegpt":  # the paper's algorithm too: Shears' default re-fits weights
+                    plain_job = dataclasses.replace(job, shears_flags=PLAIN_SPARSEGPT_FLAGS)
+                    name = f"{method}-{pattern.replace(':', 'of')}-plain"
+                    (plain,) = self._runs(plain_job, name, self.weight_names, True, ("shears",))
+                    report.add_plain(row, plain)
+                self.data["rows"].append(row)
                 self.write()
 
     def run_scaling(self) -> None:

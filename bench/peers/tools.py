@@ -58,6 +58,7 @@ class Job:
     samples: int
     seqlen: int
     batch_size: int = 8
+    shears_flags: tuple[str, ...] = ()  # extra `shears prune` flags (a Shears-only variant)
 
 
 def child_env() -> dict[str, str]:
@@ -96,6 +97,7 @@ def shears_argv(job: Job, out: Path) -> list[str]:
         "--device",
         "cpu",
         "--quiet",
+        *job.shears_flags,
         "--out",
         str(out),
     ]

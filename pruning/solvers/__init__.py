@@ -6,6 +6,7 @@ from torch import Tensor
 
 from pruning.config import Pattern
 from pruning.solvers.magnitude import magnitude_prune
+from pruning.solvers.reconstruct import reconstruct_masked
 from pruning.solvers.sparsegpt import PreparedHessian, layer_error, prepare_hessian, sparsegpt_prune
 from pruning.solvers.wanda import wanda_prune
 
@@ -15,6 +16,7 @@ __all__ = [
     "layer_error",
     "magnitude_prune",
     "prepare_hessian",
+    "reconstruct_masked",
     "solve",
     "sparsegpt_prune",
     "wanda_prune",
@@ -34,6 +36,7 @@ def solve(
     block_size: int = 128,
     damp: float = 0.01,
     prepared: PreparedHessian | None = None,
+    refine_iterations: int = 0,
 ) -> Tensor:
     """Prune one [out, in] weight with `method`; sparsegpt needs `hessian`, wanda `input_sq_norm`."""
     if method == "magnitude":
@@ -46,6 +49,13 @@ def solve(
         if hessian is None:
             raise ValueError("sparsegpt needs hessian (a HessianAccumulator's hessian)")
         return sparsegpt_prune(
-            weight, hessian, sparsity, pattern, block_size=block_size, damp=damp, prepared=prepared
+            weight,
+            hessian,
+            sparsity,
+            pattern,
+            block_size=block_size,
+            damp=damp,
+            prepared=prepared,
+            refine_iterations=refine_iterations,
         )
     raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pruning.config import Pattern
 from pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from pruning.solvers.reconstruct import reconstruct_masked
 from pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class PreparedHessian:
 
     hinv: Tensor  # upper Cholesky factor of the damped inverse
     dead: Tensor  # inputs that never fired
+    damping: float  # the absolute value added to H's diagonal (after any retries)
 
 
 @torch.no_grad()
@@ -73,8 +75,9 @@ def prepare_hessian(hessian: Tensor, damp: float, device: torch.device | None = 
         hess = hessian.detach().to(device=device or hessian.device, dtype=torch.float32, copy=True)
         dead = hess.diagonal() == 0
         hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
-        hinv, _ = inverse_hessian_factor(hess, damp)
-    return PreparedHessian(hinv, dead)
+        hinv, relative = inverse_hessian_factor(hess, damp)
+        damping = relative * float(hess.diagonal().abs().mean())
+    return PreparedHessian(hinv, dead, damping)
 
 
 @torch.no_grad()
@@ -87,8 +90,12 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     prepared: PreparedHessian | None = None,
+    refine_iterations: int = 0,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
+
+    With `refine_iterations` > 0 the kept weights are then re-fitted to the final mask
+    (solvers.reconstruct); 0 is the algorithm of the paper.
 
     Unstructured: round(sparsity * numel) zeros in all (the count of each block of columns is set
     so that the block totals add up to it exactly), chosen per block from the updated weights.
@@ -123,6 +130,10 @@ def sparsegpt_prune(
             )
             _prune_block(work, hinv, start, end, pattern, quota)
         result = work.T.to(weight.dtype).add_(0.0)  # -0.0 (also from a fp16 underflow) -> +0.0
+        del work
+    if refine_iterations:
+        hess = hessian.detach().to(device=device, dtype=torch.float32)
+        result = reconstruct_masked(weight, result, hess, prepared.damping, refine_iterations)
     return result.contiguous()
 
 

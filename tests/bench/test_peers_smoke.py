@@ -87,6 +87,11 @@ def test_shears_side_and_shared_evaluation(bench_data: tuple[dict, Path]) -> Non
     assert folder_sparsity(out, names) == ours["sparsity"]
     weights = Checkpoint(out).load(names)
     assert all(satisfies_pattern(w, Pattern.parse("2:4")) for w in weights.values())
+    # SparseGPT rows also carry the paper's algorithm (no re-fit of the kept weights), run the same way.
+    plain = row["shears_plain"]
+    assert plain["status"] == "ok" and plain["sparsity"] == 0.5 and math.isfinite(plain["ppl"])
+    assert plain["details"]["argv"][-4:-2] == ["--refine-iterations", "0"]
+    assert "--refine-iterations" not in ours["details"]["argv"]
 
 
 def test_peer_side_or_its_absence(bench_data: tuple[dict, Path]) -> None:
