@@ -219,7 +219,7 @@ def _checked_ids(ids: torch.Tensor, spec: str, vocab_size: int) -> torch.Tensor:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         raise CalibrationError(
-            f"source {spec!r}: token ids span [{low}, {high}] but the tokenizer has {vocab_size} ids; "
+            f"source {spec!r}: token ids span [{low}, {high}] but the vocabulary has {vocab_size} ids; "
             "these windows were made with another tokenizer"
         )
     return ids.contiguous()
@@ -247,8 +247,13 @@ def load_windows(
     uploads_dir: Path | None = None,
     generate: Generate | None = None,
     allow_local_paths: bool = True,
+    vocab_size: int | None = None,
 ) -> TokenWindows:
     """Calibration windows and held-out evaluation windows for one job; same inputs, same tensors.
+
+    Token ids (from files or `generate`) are checked against `vocab_size`, the model's embedding
+    rows where the caller knows them (default: the tokenizer's length). The tokenizer is used only
+    for text sources, so a lazily loaded one is never loaded for token files.
 
     `generate(samples, seqlen, seed)` returns model-written token ids for the `self` source.
     `allow_local_paths=False` (for requests from the network) accepts only builtin/self/hf:/upload: specs.
@@ -273,7 +278,8 @@ def load_windows(
         if named is not None:
             check_allowed(named, allow_local_paths=allow_local_paths)
 
-    vocab_size = len(tokenizer)
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
     info: dict[str, Any] = {"seed": calibration.seed, "calibration_source": spec}
     held_out: torch.Tensor | None = None
     if spec == "self":

@@ -20,7 +20,7 @@ from pruning.checkpoint import Checkpoint
 from pruning.config import EngineOptions, PruneRequest
 from pruning.errors import InvalidRequest, OutOfMemory
 from pruning.evaluate import eval_batch_size, finish, split_windows
-from pruning.models import ResolvedModel, resolve_model
+from pruning.models import LazyTokenizer, ResolvedModel, resolve_model
 from pruning.output import copy_model_files, verify_output, write_manifest
 from pruning.plan import layer_targets, owl_block_sparsities
 from pruning.progress import Event, Reporter, silent
@@ -167,9 +167,7 @@ class _Job:
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
 
-    def _load(self) -> tuple[ResolvedModel, Skeleton, Any]:
-        from transformers import AutoTokenizer
-
+    def _load(self) -> tuple[ResolvedModel, Skeleton, LazyTokenizer]:
         request = self.request
         model = resolve_model(request.model, request.revision, self.options)
         device = pick_device(request.device)
@@ -181,10 +179,7 @@ class _Job:
             trust_remote_code=self.options.trust_remote_code,
             checkpoint=checkpoint,
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            model.path, trust_remote_code=self.options.trust_remote_code
-        )
-        return model, skeleton, tokenizer
+        return model, skeleton, LazyTokenizer(model.path, self.options.trust_remote_code)
 
     def _compute_dtype(self, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
         """The dtype of block forwards (statistics stay fp32 and solves run on the stored weights)."""
@@ -199,7 +194,7 @@ class _Job:
         return None if self.request.dtype == "auto" else _DTYPES[self.request.dtype]
 
     def _calibrate(
-        self, model: ResolvedModel, skeleton: Skeleton, tokenizer: Any
+        self, model: ResolvedModel, skeleton: Skeleton, tokenizer: LazyTokenizer
     ) -> tuple[dict[str, Any], list[Batch], list[Batch], list[torch.Tensor]]:
         from calibration import iter_batches, load_windows
         from pruning.generate import self_sampler
@@ -215,6 +210,7 @@ class _Job:
             uploads_dir=uploads,
             generate=generate,
             allow_local_paths=self.options.allow_local_paths,
+            vocab_size=skeleton.model.get_input_embeddings().weight.shape[0],
         )
         store = skeleton.device
         calib: list[Batch] = []

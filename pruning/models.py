@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pruning.config import EngineOptions
 from pruning.errors import InvalidRequest, ModelUnavailable, UnsafeWeights
@@ -38,6 +38,40 @@ class ResolvedModel:
     kind: SourceKind
     path: Path  # local folder in Hugging Face layout
     revision: str | None  # hub commit sha, sha256 of a GGUF file, or None for a local folder
+
+
+class LazyTokenizer:
+    """The folder's tokenizer, loaded on first use: a job whose windows come as token ids never
+    pays for it (SmolLM2's takes 50 MiB of resident memory)."""
+
+    def __init__(self, folder: Path, trust_remote_code: bool = False) -> None:
+        self.folder = folder
+        self.trust_remote_code = trust_remote_code
+        self._tokenizer: Any = None
+
+    def load(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    self.folder, trust_remote_code=self.trust_remote_code
+                )
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise ModelUnavailable(
+                    f"{self.folder}: cannot load the tokenizer ({exc}); text calibration and "
+                    "evaluation need one: add its files, or calibrate from token ids (.safetensors)"
+                ) from exc
+        return self._tokenizer
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.load())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.load(), name)
 
 
 def cache_root(options: EngineOptions) -> Path:

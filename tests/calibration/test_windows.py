@@ -190,7 +190,7 @@ def test_safetensors_round_trip_and_upload(tmp_path: Path, tokenizer: Any) -> No
         (torch.zeros(64, dtype=torch.int64), r"shape \[samples, seqlen\]; got torch.int64 \(64,\)"),
         (torch.zeros(2, 3, 4, dtype=torch.int64), r"got torch.int64 \(2, 3, 4\)"),
         (torch.zeros(2, 8), r"integer tensor.*got torch.float32"),
-        (torch.full((2, 8), 512), r"span \[512, 512\] but the tokenizer has 512 ids"),
+        (torch.full((2, 8), 512), r"span \[512, 512\] but the vocabulary has 512 ids"),
         (torch.full((2, 8), -1), r"span \[-1, -1\]"),
     ],
 )

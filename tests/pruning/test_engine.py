@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec, PruneRequest
 from pruning.engine import prune
+from pruning.errors import ModelUnavailable
 from pruning.manifest import verify_files
 from pruning.progress import Event
 from tests.tiny import ARCHITECTURES
@@ -186,3 +187,32 @@ def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path,
     assert (tmp_path / "plain" / "sparse.safetensors").read_bytes() == (
         tmp_path / "out" / "sparse.safetensors"
     ).read_bytes()
+
+
+def test_token_ids_need_no_tokenizer_and_blocks_report_their_output_error(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """A folder without tokenizer files prunes from a token-id file (the tokenizer loads lazily);
+    the per-block output error is measured on the leading calibration tokens."""
+    from calibration import save_windows
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in tiny_llama.iterdir():
+        if "token" not in path.name and path.is_file():
+            (bare / path.name).write_bytes(path.read_bytes())
+    config = json.loads((bare / "config.json").read_text())
+    ids = torch.randint(0, config["vocab_size"], (6, 32), generator=torch.Generator().manual_seed(0))
+    save_windows(tmp_path / "ids.safetensors", ids)
+    request = fast_request(
+        bare,
+        calibration=CalibrationSpec(source=str(tmp_path / "ids.safetensors"), samples=6, seqlen=32),
+        evaluation=EvaluationSpec(enabled=False),
+    )
+    manifest = prune(request, tmp_path / "out", options=EngineOptions(allow_local_paths=True))
+    assert manifest["sparsity"]["achieved"] == pytest.approx(0.5, abs=0.01)
+    blocks = manifest["blocks"]
+    assert blocks and all(b["output_error"] > 0 and b["output_error_tokens"] == 6 * 32 for b in blocks)
+    with pytest.raises(ModelUnavailable, match="cannot load the tokenizer"):  # text still needs one
+        prune(fast_request(bare), tmp_path / "out2", options=EngineOptions(allow_local_paths=True))
+    assert not (tmp_path / "out2").exists()
