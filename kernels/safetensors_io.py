@@ -23,11 +23,24 @@ _DTYPES = {
 }  # fmt: skip
 
 
+_MAX_HEADER = 100 * 2**20  # the safetensors reference refuses larger headers too
+
+
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, header JSON) of a safetensors file."""
+    """(offset of the data section, header JSON) of a safetensors file; ValueError if it is not one."""
     with open(path, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        return 8 + size, json.loads(handle.read(size))
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= length <= min(_MAX_HEADER, size - 8):
+            raise ValueError("bad header length")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return 8 + length, header
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -16,10 +16,10 @@ from typing import BinaryIO
 
 import torch
 
+from kernels.safetensors_io import read_header
 from pruning.errors import ModelUnavailable
 
 INDEX = "model.safetensors.index.json"
-_MAX_HEADER = 100 * 2**20  # the safetensors reference refuses larger headers too
 
 
 @dataclass(frozen=True)
@@ -31,22 +31,14 @@ class _Entry:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
-    """The tensors (name -> entry) and the `__metadata__` of one safetensors file, validated."""
-    with path.open("rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 2 <= length <= min(_MAX_HEADER, size - 8):
-            raise ModelUnavailable(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelUnavailable(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
-    if not isinstance(header, dict):
-        raise ModelUnavailable(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + length
+def _read_entries(path: Path) -> dict[str, _Entry]:
+    """The tensors of one safetensors file, their offsets checked against the file."""
+    try:
+        base, header = read_header(path)
+    except ValueError as exc:
+        raise ModelUnavailable(f"{path}: not a safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    size = path.stat().st_size
     entries: dict[str, _Entry] = {}
     for name, info in header.items():
         try:
@@ -62,7 +54,7 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
                 f"[{begin}, {end}] that do not fit its size or the file; the file is corrupt or truncated"
             )
         entries[name] = _Entry(path.name, dtype, shape, base + begin, nbytes)
-    return entries, metadata
+    return entries
 
 
 class Checkpoint:
@@ -80,7 +72,7 @@ class Checkpoint:
                 raise ModelUnavailable(f"{folder}: no safetensors weights")
         entries: dict[str, _Entry] = {}
         for shard in shards:
-            entries.update(read_header(folder / shard)[0])
+            entries.update(_read_entries(folder / shard))
         if index.is_file():
             missing = sorted(set(weight_map) - set(entries))
             if missing:

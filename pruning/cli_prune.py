@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
-    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest, SparseGPTSpec
+    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest
 
     if args.request:
         return PruneRequest.model_validate_json(args.request.read_text())
@@ -108,15 +108,14 @@ def _request_from_args(args: argparse.Namespace) -> Any:
         ),
         overrides=overrides,
         true_sequential=args.true_sequential,
-        sparsegpt=SparseGPTSpec(
-            **({} if args.refine_iterations is None else {"refine_iterations": args.refine_iterations})
-        ),
         dtype=args.dtype,
         compute_dtype=args.compute_dtype,
         device=args.device,
         formats=[f.strip() for f in args.formats.split(",") if f.strip()],
         benchmark=args.benchmark,
     )
+    if args.refine_iterations is not None:
+        fields["sparsegpt"] = {"refine_iterations": args.refine_iterations}
     if args.owl:
         fields["owl"] = {}
     if args.ignore is not None:

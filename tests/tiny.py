@@ -77,10 +77,14 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_model(arch: str, path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a tiny random `arch` model with its tokenizer to `path` and return `path`."""
+def make_tiny_model(
+    arch: str, path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
+) -> Path:
+    """Write a tiny random `arch` model with its tokenizer to `path` and return `path`.
+
+    `overrides` replace fields of the tiny config (e.g. tie_word_embeddings=True)."""
     config_cls, kwargs = _CONFIGS[arch]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(path)

@@ -5,23 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.skeleton import build_skeleton
+from tests.tiny import make_tiny_model
 
 
 def test_release_outside_drops_tied_head_and_embeddings(tmp_path: Path) -> None:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    make_tiny_model("llama", tmp_path, tie_word_embeddings=True)
     skeleton = build_skeleton(tmp_path, device=torch.device("cpu"), dtype=torch.float32)
     model = skeleton.model
     assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.weight.is_meta
