@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from calibration import save_windows
-    from pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
-    from pruning.engine import prune
+    from shears.calibration.windows import save_windows
+    from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
+    from shears.pruning.engine import prune
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else LLAMA_7B

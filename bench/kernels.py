@@ -23,9 +23,9 @@ import torch
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from kernels.bench import device_info, kernel_rows, memory_bytes, write_result  # noqa: E402
-from kernels.dispatch import Dispatcher, triton_status  # noqa: E402
-from kernels.formats import PackedWeight, dense_nbytes, pack_bitmask, pack_nm  # noqa: E402
+from shears.kernels.bench import device_info, kernel_rows, memory_bytes, write_result  # noqa: E402
+from shears.kernels.dispatch import Dispatcher, triton_status  # noqa: E402
+from shears.kernels.formats import PackedWeight, dense_nbytes, pack_bitmask, pack_nm  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "kv": (1024, 4096), "up": (14336, 4096), "down": (4096, 14336)}
 LAYOUTS = {"2:4": None, "bitmask50": 0.5, "bitmask70": 0.7, "bitmask90": 0.9}
@@ -93,7 +93,7 @@ def decode_model(name: str, layers: int | None, folder: Path, device: str = "cud
     from torch import nn
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kernels.sparse_file import pack_folder
+    from shears.kernels.sparse_file import pack_folder
 
     settings = dict(DECODE_MODELS[name], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     if layers:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode:
         import tempfile
 
-        from kernels.decode_bench import decode_comparison
+        from shears.kernels.decode_bench import decode_comparison
 
         with tempfile.TemporaryDirectory(prefix="shears-decode-") as tmp:
             folder = decode_model(args.decode, args.decode_layers, Path(tmp) / args.decode)

@@ -1,17 +1,5 @@
-"""Calibration and evaluation text for Shears: sources, tokenisation, deterministic windows, batching."""
+"""Calibration and evaluation text for Shears: sources, tokenisation, deterministic windows, batching.
 
-from calibration.builtin import EVALUATION_WORKS, builtin_documents
-from calibration.sources import HFSpec, open_source, parse_hf_spec
-from calibration.windows import TokenWindows, iter_batches, load_windows, save_windows
-
-__all__ = [
-    "EVALUATION_WORKS",
-    "HFSpec",
-    "TokenWindows",
-    "builtin_documents",
-    "iter_batches",
-    "load_windows",
-    "open_source",
-    "parse_hf_spec",
-    "save_windows",
-]
+Import the modules themselves: `sources` and `builtin` need no torch (the API process admits
+requests with them), `windows` does.
+"""

@@ -21,7 +21,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Literal
 
-from pruning.errors import CalibrationError
+from shears.errors import CalibrationError
 
 Split = Literal["all", "calibration", "evaluation"]
 

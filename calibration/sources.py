@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.builtin import builtin_documents
-from pruning.errors import CalibrationError
+from shears.calibration.builtin import builtin_documents
+from shears.errors import CalibrationError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKEN_SUFFIX = ".safetensors"

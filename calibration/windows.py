@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from calibration.builtin import builtin_documents
-from calibration.sources import check_allowed, open_source, token_file
-from pruning.config import CalibrationSpec, EvaluationSpec
-from pruning.errors import CalibrationError
+from shears.calibration.builtin import builtin_documents
+from shears.calibration.sources import check_allowed, open_source, token_file
+from shears.calibration.spec import CalibrationSpec, EvaluationSpec
+from shears.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.configs import BITMASK_CHUNK, KernelConfig, candidate_configs
+from shears.kernels.configs import BITMASK_CHUNK, KernelConfig, candidate_configs
 
 _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -31,8 +31,8 @@ class Variant:
 
 
 def _signature(variant: Variant) -> tuple[object, dict[str, str], dict[str, object]]:
-    from kernels import triton_bitmask, triton_nm
-    from kernels.formats import index_bits
+    from shears.kernels import triton_bitmask, triton_nm
+    from shears.kernels.formats import index_bits
 
     cfg, ty = variant.config, _TYPES[variant.dtype]
     if variant.layout == "nm":

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.configs import BITMASK_CHUNK, KernelConfig
-from kernels.dispatch import Dispatcher, PackedOperand, triton_status
-from kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack
-from kernels.selection import MANIFEST, as_nm, guess_pattern, pattern_text, select_for_packing
-from kernels.sparse_file import (
+from shears.kernels.configs import BITMASK_CHUNK, KernelConfig
+from shears.kernels.dispatch import Dispatcher, PackedOperand, triton_status
+from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack
+from shears.kernels.selection import MANIFEST, as_nm, guess_pattern, pattern_text, select_for_packing
+from shears.kernels.sparse_file import (
     atomic_write_text,
     dense_tensor_files,
     natural_key,
@@ -45,7 +45,7 @@ def _emit(
 ) -> None:
     if reporter is None:
         return
-    from pruning.progress import Event
+    from shears.progress import Event
 
     reporter(Event(kind=kind, phase="benchmarking", done=done, total=total, message=message, data=data or {}))
 
@@ -128,7 +128,7 @@ def load_or_pack(
 
 
 def size_report(folder: Path, packed: dict[str, PackedWeight], source: str) -> dict[str, Any]:
-    from kernels.sparse_file import entry_info
+    from shears.kernels.sparse_file import entry_info
 
     entries = read_entries(folder) if source == "file" else {}
     layers = []
@@ -173,8 +173,8 @@ def kernel_rows(
     label: str, packed: PackedWeight, m_values: tuple[int, ...], dispatcher: Dispatcher, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Timings (us) of every candidate for `packed` (on a CUDA device) at each M, with speedups over dense."""
-    from kernels.dispatch import _run_triton
-    from kernels.selfcheck import tolerance
+    from shears.kernels.dispatch import _run_triton
+    from shears.kernels.selfcheck import tolerance
 
     op = PackedOperand(packed)
     rows, cols = packed.shape
@@ -222,7 +222,7 @@ def kernel_rows(
 
 
 def _config_from_label(label: str, m: int, packed: PackedWeight) -> KernelConfig:
-    from kernels.configs import candidate_configs
+    from shears.kernels.configs import candidate_configs
 
     rows, cols = packed.shape
     sms = torch.cuda.get_device_properties(packed.device).multi_processor_count
@@ -272,14 +272,14 @@ def run_benchmark(
             "kernels' correctness checks under the Triton interpreter only"
         )
         _emit(reporter, "log", result["message"])
-        from kernels.selfcheck import run_checks_anywhere
+        from shears.kernels.selfcheck import run_checks_anywhere
 
         result["checks"] = run_checks_anywhere()
     else:
         result["message"] = ""
         result["kernels"] = _gpu_kernels(packed, m_values, reporter)
         try:
-            from kernels.decode_bench import decode_comparison
+            from shears.kernels.decode_bench import decode_comparison
 
             result["decode"] = decode_comparison(folder, new_tokens=decode_tokens)
         except Exception as exc:  # the table above is still worth writing
@@ -301,7 +301,7 @@ def _gpu_kernels(packed: dict[str, PackedWeight], m_values: tuple[int, ...], rep
 
 
 def write_result(result: dict[str, Any], json_path: Path, png_path: Path | None) -> None:
-    from kernels.chart import write_chart
+    from shears.kernels.chart import write_chart
 
     if png_path is not None:
         problem = write_chart(result, png_path)

@@ -55,9 +55,9 @@ def _fail(exc: Exception) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from kernels.errors import PackedFormatError
-    from kernels.selection import select_for_packing
-    from kernels.sparse_file import pack_folder
+    from shears.kernels.errors import PackedFormatError
+    from shears.kernels.selection import select_for_packing
+    from shears.kernels.sparse_file import pack_folder
 
     try:
         pattern, names = select_for_packing(args.folder, args.pattern)
@@ -78,7 +78,7 @@ def _pack(args: argparse.Namespace) -> int:
 def _record_in_manifest(folder: Path, packed: list[str] | None = None, **updates: Any) -> None:
     """A Shears folder's manifest lists every file with its checksum: keep it true after adding some."""
     try:
-        from pruning.manifest import MANIFEST, refresh_files
+        from shears.manifest import MANIFEST, refresh_files
     except ImportError:  # kernels/ works without the engine installed
         return
     if not (folder / MANIFEST).is_file():
@@ -90,8 +90,8 @@ def _record_in_manifest(folder: Path, packed: list[str] | None = None, **updates
 
 
 def _unpack(args: argparse.Namespace) -> int:
-    from kernels.errors import PackedFormatError
-    from kernels.sparse_file import unpack_folder
+    from shears.kernels.errors import PackedFormatError
+    from shears.kernels.sparse_file import unpack_folder
 
     update, close = _bar("unpacking")
     try:
@@ -111,8 +111,8 @@ def _unpack(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kernels.bench import M_VALUES, run_benchmark
-    from kernels.errors import PackedFormatError
+    from shears.kernels.bench import M_VALUES, run_benchmark
+    from shears.kernels.errors import PackedFormatError
 
     try:
         result = run_benchmark(

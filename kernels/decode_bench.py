@@ -19,7 +19,7 @@ from torch import nn
 
 def _weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of parameters and buffers, bytes of the dense/semi-structured copies the dispatcher made)."""
-    from kernels.sparse_linear import SparseLinear
+    from shears.kernels.sparse_linear import SparseLinear
 
     stored = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     derived = 0
@@ -127,7 +127,7 @@ def decode_comparison(
     """Dense vs packed decode of the folder's model: tokens/s, speedup, agreement, weight bytes."""
     from transformers import AutoModelForCausalLM
 
-    from kernels.sparse_linear import load_packed_model
+    from shears.kernels.sparse_linear import load_packed_model
 
     started = time.perf_counter()
     dense = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()

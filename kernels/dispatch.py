@@ -16,23 +16,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.configs import KernelConfig, candidate_configs, interpreter_config, m_bucket
-from kernels.formats import PackedBitmask, PackedNM, PackedWeight, unpack
-from kernels.reference import packed_matmul_reference
+from shears.kernels.configs import KernelConfig, candidate_configs, interpreter_config, m_bucket
+from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, unpack
+from shears.kernels.reference import packed_matmul_reference
 
 
 @functools.cache
 def triton_status() -> str | None:
     """None if Shears' Triton kernels can run here, else why not."""
     try:
-        from kernels import triton_bitmask, triton_nm  # noqa: F401
+        from shears.kernels import triton_bitmask, triton_nm  # noqa: F401
     except Exception as exc:  # ImportError, or a triton that fails to initialise
         return f"triton unavailable: {exc}"
     return None
 
 
 def interpreting() -> bool:
-    from kernels.triton_common import interpreting as flag
+    from shears.kernels.triton_common import interpreting as flag
 
     return triton_status() is None and flag()
 
@@ -84,7 +84,7 @@ class PackedOperand:
 
     def chunk_offsets(self) -> torch.Tensor:
         if self._derived.get("offsets") is None:
-            from kernels.triton_bitmask import chunk_offsets
+            from shears.kernels.triton_bitmask import chunk_offsets
 
             assert isinstance(self.packed, PackedBitmask)
             self._derived["offsets"] = chunk_offsets(self.packed)
@@ -176,7 +176,7 @@ class Dispatcher:
     def _kernel_supported(self, x: torch.Tensor, op: PackedOperand) -> bool:
         if triton_status() is not None or x.dtype != op.packed.dtype:
             return False
-        from kernels import triton_bitmask, triton_nm
+        from shears.kernels import triton_bitmask, triton_nm
 
         module = triton_nm if isinstance(op.packed, PackedNM) else triton_bitmask
         return module.supports(op.packed, x.dtype)
@@ -200,7 +200,7 @@ class Dispatcher:
         return self._measure(x, op, configs)
 
     def _measure(self, x: torch.Tensor, op: PackedOperand, configs: list[KernelConfig]) -> Choice:
-        from kernels.timing import gpu_time_us
+        from shears.kernels.timing import gpu_time_us
 
         candidates = [Choice("triton", config) for config in configs]
         if self.allow_dense or not candidates:
@@ -223,7 +223,7 @@ class Dispatcher:
         return Choice("reference", timings=timings, errors=errors)
 
     def _agrees(self, candidate: Choice, x: torch.Tensor, op: PackedOperand, errors: dict[str, str]) -> bool:
-        from kernels.selfcheck import tolerance
+        from shears.kernels.selfcheck import tolerance
 
         got = self.run(candidate, x, op).float()
         want = packed_matmul_reference(x.float(), op.packed)
@@ -237,10 +237,10 @@ class Dispatcher:
 def _run_triton(x: torch.Tensor, op: PackedOperand, config: KernelConfig | None) -> torch.Tensor:
     assert config is not None
     if isinstance(op.packed, PackedNM):
-        from kernels.triton_nm import nm_matmul
+        from shears.kernels.triton_nm import nm_matmul
 
         return nm_matmul(x, op.packed, config)
-    from kernels.triton_bitmask import bitmask_matmul
+    from shears.kernels.triton_bitmask import bitmask_matmul
 
     return bitmask_matmul(x, op.packed, config, op.chunk_offsets())
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.errors import PackedFormatError
+from shears.kernels.errors import PackedFormatError
 
 FORMAT_NAME = "shears.sparse"
 FORMAT_VERSION = 1

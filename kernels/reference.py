@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.formats import PackedBitmask, PackedNM, PackedWeight, bitmask_bits, nm_indices, unpack
+from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, bitmask_bits, nm_indices, unpack
 
 
 def _matmul_fp32(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kernels.errors import PackedFormatError
+from shears.kernels.errors import PackedFormatError
+from shears.manifest import MANIFEST
 
-MANIFEST = "manifest.json"
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Decoder-block weights: model.layers.3.mlp.up_proj.weight, transformer.h.0.attn.c_attn.weight, ...
 BLOCK_WEIGHT = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(.+\.)?[^.]+\.weight$")
@@ -62,8 +62,8 @@ def detect_names(folder: Path, n: int, m: int) -> list[str]:
     """Decoder-block 2-D weights of `folder` that fit pattern n:m (n = m = 0: worth a bitmask)."""
     from safetensors import safe_open
 
-    from kernels.formats import satisfies_nm
-    from kernels.sparse_file import dense_tensor_files, natural_key
+    from shears.kernels.formats import satisfies_nm
+    from shears.kernels.sparse_file import dense_tensor_files, natural_key
 
     found = []
     by_file: dict[Path, list[str]] = {}

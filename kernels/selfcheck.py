@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from kernels.configs import KernelConfig
-from kernels.formats import PackedWeight, pack_bitmask, pack_nm
+from shears.kernels.configs import KernelConfig
+from shears.kernels.formats import PackedWeight, pack_bitmask, pack_nm
 
 # (name, layout, n, m or density, rows, cols, M, dtype, launch)
 CASES: list[tuple[str, str, int, float, int, int, int, torch.dtype, KernelConfig]] = [
@@ -63,8 +63,8 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def check_kernel(packed: PackedWeight, x: torch.Tensor, config: KernelConfig) -> dict[str, Any]:
-    from kernels import triton_bitmask, triton_nm
-    from kernels.reference import packed_matmul_reference
+    from shears.kernels import triton_bitmask, triton_nm
+    from shears.kernels.reference import packed_matmul_reference
 
     if packed.layout == "nm":
         got = triton_nm.nm_matmul(x, packed, config)
@@ -103,7 +103,7 @@ def run_checks(device: str = "cpu") -> list[dict[str, Any]]:
 
 def run_checks_anywhere() -> dict[str, Any]:
     """The checks on the GPU if there is one, else under the interpreter (in a child process if needed)."""
-    from kernels.dispatch import triton_status
+    from shears.kernels.dispatch import triton_status
 
     if torch.cuda.is_available() and triton_status() is None:
         return {"mode": "gpu", "results": run_checks("cuda")}
@@ -119,7 +119,11 @@ def run_checks_anywhere() -> dict[str, Any]:
         PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     done = subprocess.run(
-        [sys.executable, "-m", "kernels.selfcheck"], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "shears.kernels.selfcheck"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     try:  # a failing case exits 1 but still prints every result
         return {"mode": "interpreter", "results": json.loads(done.stdout)}

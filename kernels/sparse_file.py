@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kernels.errors import PackedFormatError
-from kernels.formats import (
+from shears.kernels.errors import PackedFormatError
+from shears.kernels.formats import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PackedBitmask,
@@ -35,8 +35,8 @@ from kernels.formats import (
     unpack,
     validate,
 )
-from kernels.safetensors_io import dtype_name, read_header, save_deterministic, tensor_bytes
-from kernels.selection import as_nm
+from shears.kernels.safetensors_io import dtype_name, read_header, save_deterministic, tensor_bytes
+from shears.kernels.selection import as_nm
 
 SPARSE_FILE = "sparse.safetensors"
 SPARSE_INDEX = "sparse.safetensors.index.json"

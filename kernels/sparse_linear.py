@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.dispatch import Dispatcher, PackedOperand, default_dispatcher
-from kernels.errors import PackedFormatError
-from kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack, unpack
+from shears.kernels.dispatch import Dispatcher, PackedOperand, default_dispatcher
+from shears.kernels.errors import PackedFormatError
+from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack, unpack
 
 
 class SparseLinear(nn.Module):
@@ -121,7 +121,7 @@ def load_packed_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from kernels.sparse_file import read_packed
+    from shears.kernels.sparse_file import read_packed
 
     packed = read_packed(Path(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto", **from_pretrained)

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import BITMASK_CHUNK, KernelConfig, split_tiles
-from kernels.formats import PackedBitmask, row_popcounts
-from kernels.triton_common import (
+from shears.kernels.configs import BITMASK_CHUNK, KernelConfig, split_tiles
+from shears.kernels.formats import PackedBitmask, row_popcounts
+from shears.kernels.triton_common import (
     SUPPORTED_DTYPES,
     accumulate_tile,
     interpreting,

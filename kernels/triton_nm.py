@@ -15,9 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.configs import KernelConfig, split_tiles
-from kernels.formats import PackedNM, index_bits, indices_per_word, nm_metadata_columns, nm_value_columns
-from kernels.triton_common import (
+from shears.kernels.configs import KernelConfig, split_tiles
+from shears.kernels.formats import (
+    PackedNM,
+    index_bits,
+    indices_per_word,
+    nm_metadata_columns,
+    nm_value_columns,
+)
+from shears.kernels.triton_common import (
     SUPPORTED_DTYPES,
     accumulate_tile,
     interpreting,

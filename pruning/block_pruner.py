@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.config import Pattern, PruneRequest
-from pruning.masks import achieved_sparsity
-from pruning.resources import release_freed_memory
-from pruning.solvers import PreparedHessian, layer_error, prepare_hessian, solve
-from pruning.stats import HessianAccumulator, InputNormAccumulator
-from pruning.streaming import Batch, run_block
+from shears.pattern import Pattern
+from shears.pruning.config import PruneRequest
+from shears.pruning.masks import achieved_sparsity
+from shears.pruning.resources import release_freed_memory
+from shears.pruning.solvers import PreparedHessian, layer_error, prepare_hessian, solve
+from shears.pruning.stats import HessianAccumulator, InputNormAccumulator
+from shears.pruning.streaming import Batch, run_block
 
 Accumulator = HessianAccumulator | InputNormAccumulator
 
@@ -97,7 +98,7 @@ def _solve_layers(
 ) -> list[LayerResult]:
     """Solve each layer on its master weight (storage precision), replacing it in `masters`; the
     block's own weight (compute precision) gets the pruned values for the forward passes after."""
-    pattern: Pattern = request.parsed_pattern
+    pattern: Pattern = request.pattern
     results = []
     prepared: dict[int, PreparedHessian] = {}  # one factorisation per shared input
     for name, layer in layers.items():

@@ -16,8 +16,8 @@ from typing import BinaryIO
 
 import torch
 
-from kernels.safetensors_io import read_header
-from pruning.errors import ModelUnavailable
+from shears.errors import ModelUnavailable
+from shears.kernels.safetensors_io import read_header
 
 INDEX = "model.safetensors.index.json"
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pruning.progress import Event
+from shears.progress import Event
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
-    from pruning.config import CalibrationSpec, EvaluationSpec, Pattern, PruneRequest
+    from shears.pattern import Pattern
+    from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
 
     if args.request:
         return PruneRequest.model_validate_json(args.request.read_text())
@@ -152,7 +153,7 @@ class ProgressBar:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from pruning.config import EngineOptions
+    from shears.pruning.config import EngineOptions
 
     return EngineOptions(
         cache_dir=args.cache_dir,
@@ -164,8 +165,8 @@ def _options(args: argparse.Namespace) -> Any:
 def _prune(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from pruning.engine import prune
-    from pruning.errors import ShearsError
+    from shears.errors import ShearsError
+    from shears.pruning.engine import prune
 
     try:
         request = _request_from_args(args)
@@ -210,11 +211,11 @@ def report_text(manifest: dict[str, Any]) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from calibration import load_windows
-    from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
-    from pruning.errors import ShearsError
-    from pruning.evaluate import perplexity_of_folder
-    from pruning.models import resolve_model
+    from shears.calibration.windows import load_windows
+    from shears.errors import ShearsError
+    from shears.pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
+    from shears.pruning.evaluate import perplexity_of_folder
+    from shears.pruning.models import resolve_model
 
     try:
         model = resolve_model(args.model, None, EngineOptions(cache_dir=args.cache_dir))
@@ -234,8 +235,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from pruning.config import EngineOptions
-    from pruning.models import BUILTIN_MODELS, resolve_model
+    from shears.pruning.config import EngineOptions
+    from shears.pruning.models import BUILTIN_MODELS, resolve_model
 
     if args.action == "list":
         for name, (package, file) in BUILTIN_MODELS.items():

@@ -5,71 +5,34 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from shears.calibration.spec import CalibrationSpec, EvaluationSpec
+from shears.pattern import Pattern
+from shears.schema import Strict
 
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 OutputFormat = Literal["dense", "packed"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
-_NM = re.compile(r"^(\d+):(\d+)$")
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Pattern(Strict):
-    """Unstructured (n = m = 0) or N:M: keep n of every m consecutive weights along the input dim."""
-
-    n: int = 0
-    m: int = 0
-
-    @property
-    def structured(self) -> bool:
-        return self.m > 0
-
-    @property
-    def sparsity(self) -> float | None:
-        return 1.0 - self.n / self.m if self.structured else None
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.structured else "unstructured"
-
-    @classmethod
-    def parse(cls, text: str) -> Pattern:
-        text = text.strip().lower()
-        if text == "unstructured":
-            return cls()
-        match = _NM.match(text)
-        if not match:
-            raise ValueError(f"pattern {text!r} is neither 'unstructured' nor 'N:M' (for example '2:4')")
-        n, m = int(match[1]), int(match[2])
-        if not 0 < n < m:
-            raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M (keep N of every M weights), e.g. '2:4'")
-        if m > 64:
-            raise ValueError(f"pattern {text!r}: M must be at most 64")
-        return cls(n=n, m=m)
-
-
-class CalibrationSpec(Strict):
-    source: str = Field(
-        "builtin",
-        description="'builtin', 'self', 'hf:<dataset>[:<config>[:<split>]]', 'upload:<id>' or a local "
-        ".txt/.jsonl/.parquet path",
-    )
-    samples: Annotated[int, Field(ge=1, le=4096)] = 128
-    seqlen: Annotated[int, Field(ge=8, le=32768)] = 512
-    seed: int = 0
-    text_column: str | None = Field(None, description="column holding the text in .jsonl/.parquet/hf sources")
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
-
-
-class EvaluationSpec(Strict):
-    enabled: bool = True
-    source: str | None = Field(None, description="held-out text source; default: the calibration source")
-    seqlen: Annotated[int, Field(ge=8, le=32768)] = 512
-    max_tokens: Annotated[int, Field(ge=64, le=10_000_000)] = 20480
+# A pattern is parsed once, here, and travels inward as a Pattern; JSON keeps the text form.
+PatternField = Annotated[
+    Pattern,
+    BeforeValidator(Pattern.parse),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^(unstructured|\d+:\d+)$", "examples": ["unstructured", "2:4"]}
+    ),
+]
 
 
 class OwlSpec(Strict):
@@ -94,7 +57,7 @@ class PruneRequest(Strict):
     revision: str | None = Field(None, max_length=128)
     method: Method
     sparsity: Annotated[float, Field(gt=0, lt=1)]
-    pattern: str = "unstructured"
+    pattern: PatternField = Pattern()
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     ignore: list[str] = Field(
@@ -114,11 +77,6 @@ class PruneRequest(Strict):
     formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
     benchmark: bool = False
 
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        return str(Pattern.parse(value))
-
     @field_validator("ignore")
     @classmethod
     def _ignore(cls, value: list[str]) -> list[str]:
@@ -135,7 +93,7 @@ class PruneRequest(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneRequest:
-        pattern = self.parsed_pattern
+        pattern = self.pattern
         if pattern.structured:
             if abs(self.sparsity - pattern.sparsity) > 1e-6:
                 raise ValueError(
@@ -149,10 +107,6 @@ class PruneRequest(Strict):
         if not self.formats:
             raise ValueError("formats must name at least one of 'dense', 'packed'")
         return self
-
-    @property
-    def parsed_pattern(self) -> Pattern:
-        return Pattern.parse(self.pattern)
 
 
 def _compile(rx: str, field: str) -> re.Pattern[str]:

@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
-from pruning.block_pruner import LayerResult, prune_block
-from pruning.checkpoint import Checkpoint
-from pruning.config import EngineOptions, PruneRequest
-from pruning.errors import InvalidRequest, OutOfMemory
-from pruning.evaluate import eval_batch_size, finish, split_windows
-from pruning.models import LazyTokenizer, ResolvedModel, resolve_model
-from pruning.output import copy_model_files, verify_output, write_manifest
-from pruning.plan import layer_targets, owl_block_sparsities
-from pruning.progress import Event, Reporter, silent
-from pruning.resources import PhaseClock, release_freed_memory, tune_malloc
-from pruning.shards import ShardWriter, TensorSpec, plan_shards
-from pruning.skeleton import Skeleton, build_skeleton
-from pruning.streaming import Batch, advance, capture_inputs, run_block
+from shears.errors import InvalidRequest, OutOfMemory
+from shears.progress import Event, Reporter, silent
+from shears.pruning.block_pruner import LayerResult, prune_block
+from shears.pruning.checkpoint import Checkpoint
+from shears.pruning.config import EngineOptions, PruneRequest
+from shears.pruning.evaluate import eval_batch_size, finish, split_windows
+from shears.pruning.models import LazyTokenizer, ResolvedModel, resolve_model
+from shears.pruning.output import copy_model_files, verify_output, write_manifest
+from shears.pruning.plan import layer_targets, owl_block_sparsities
+from shears.pruning.resources import PhaseClock, release_freed_memory, tune_malloc
+from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
+from shears.pruning.skeleton import Skeleton, build_skeleton
+from shears.pruning.streaming import Batch, advance, capture_inputs, run_block
 
 ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
 CPU_FORWARD_TOKENS = 1024  # measured on SmolLM2 blocks: as fast as 4096, a quarter of the peak heap
@@ -137,18 +137,18 @@ class _Job:
             pruned_names = [r.name + ".weight" for r in layers]
             packed: list[str] = []
             if "packed" in request.formats:
-                from kernels.sparse_file import pack_folder
+                from shears.kernels.sparse_file import pack_folder
 
-                packed = pack_folder(self.work, request.parsed_pattern, pruned_names)
+                packed = pack_folder(self.work, request.pattern, pruned_names)
         with self.clock.phase("verifying"):
-            verify_output(self.work, layers, request.parsed_pattern)
+            verify_output(self.work, layers, request.pattern)
         benchmark = None
         if request.benchmark:
             with self.clock.phase("benchmarking"):
-                from kernels.bench import run_benchmark
+                from shears.kernels.bench import run_benchmark
 
                 benchmark = run_benchmark(
-                    self.work, self.reporter, pattern=request.parsed_pattern, names=pruned_names
+                    self.work, self.reporter, pattern=request.pattern, names=pruned_names
                 )
         manifest = write_manifest(
             self.work,
@@ -196,8 +196,8 @@ class _Job:
     def _calibrate(
         self, model: ResolvedModel, skeleton: Skeleton, tokenizer: LazyTokenizer
     ) -> tuple[dict[str, Any], list[Batch], list[Batch], list[torch.Tensor]]:
-        from calibration import iter_batches, load_windows
-        from pruning.generate import self_sampler
+        from shears.calibration.windows import iter_batches, load_windows
+        from shears.pruning.generate import self_sampler
 
         request = self.request
         evaluation = request.evaluation if request.evaluation.enabled else None

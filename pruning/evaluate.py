@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pruning.skeleton import Skeleton, build_skeleton
-from pruning.streaming import Batch, advance, capture_inputs, head_logits
+from shears.pruning.skeleton import Skeleton, build_skeleton
+from shears.pruning.streaming import Batch, advance, capture_inputs, head_logits
 
 LOGITS_BUDGET_BYTES = 64 << 20
 

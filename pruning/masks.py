@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pruning.config import Pattern
-from pruning.errors import InvalidRequest
+from shears.errors import InvalidRequest
+from shears.pattern import Pattern
 
 
 def check_pattern(shape: tuple[int, ...], pattern: Pattern, name: str) -> None:

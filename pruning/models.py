@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pruning.config import EngineOptions
-from pruning.errors import InvalidRequest, ModelUnavailable, UnsafeWeights
+from shears.errors import InvalidRequest, ModelUnavailable, UnsafeWeights
+from shears.pruning.config import EngineOptions
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 
-from pruning.block_pruner import LayerResult
-from pruning.checkpoint import INDEX, Checkpoint
-from pruning.config import Pattern, PruneRequest
-from pruning.manifest import MANIFEST, file_entries, versions, write_json
-from pruning.masks import achieved_sparsity, satisfies_pattern
-from pruning.models import ResolvedModel
-from pruning.skeleton import Skeleton
+from shears.manifest import MANIFEST, file_entries, versions, write_json
+from shears.pattern import Pattern
+from shears.pruning.block_pruner import LayerResult
+from shears.pruning.checkpoint import INDEX, Checkpoint
+from shears.pruning.config import PruneRequest
+from shears.pruning.masks import achieved_sparsity, satisfies_pattern
+from shears.pruning.models import ResolvedModel
+from shears.pruning.skeleton import Skeleton
 
 # Files of the source folder that are not carried over: weights (rewritten), pickles, our own records.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".lock")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from pruning.solvers.wanda import wanda_scores
+from shears.pruning.solvers.wanda import wanda_scores
 
 # Sparsities stay this far inside (0, 1).
 MARGIN = 1e-3

@@ -6,14 +6,14 @@ import re
 
 import torch
 
-from pruning.block_pruner import collect
-from pruning.config import PruneRequest
-from pruning.errors import InvalidRequest
-from pruning.masks import check_pattern
-from pruning.owl import outlier_ratio, owl_sparsities
-from pruning.skeleton import Skeleton
-from pruning.stats import InputNormAccumulator
-from pruning.streaming import Batch
+from shears.errors import InvalidRequest
+from shears.pruning.block_pruner import collect
+from shears.pruning.config import PruneRequest
+from shears.pruning.masks import check_pattern
+from shears.pruning.owl import outlier_ratio, owl_sparsities
+from shears.pruning.skeleton import Skeleton
+from shears.pruning.stats import InputNormAccumulator
+from shears.pruning.streaming import Batch
 
 
 def layer_targets(
@@ -27,7 +27,7 @@ def layer_targets(
     """
     ignore = [re.compile(rx) for rx in request.ignore]
     overrides = [(re.compile(rx), value) for rx, value in request.overrides.items()]
-    pattern = request.parsed_pattern
+    pattern = request.pattern
     targets: dict[str, float | None] = {}
     for index in range(skeleton.num_blocks):
         default = block_sparsity[index] if block_sparsity else request.sparsity

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pruning.progress import Event, Phase, Reporter
+from shears.progress import Event, Phase, Reporter
 
 
 def _load_libc() -> ctypes.CDLL | None:

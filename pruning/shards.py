@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import torch
 
-from pruning.checkpoint import INDEX, SAFETENSORS_DTYPE
+from shears.pruning.checkpoint import INDEX, SAFETENSORS_DTYPE
 
 _WRITE_ELEMENTS = 1 << 22
 

@@ -15,8 +15,8 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from pruning.checkpoint import Checkpoint
-from pruning.errors import ModelUnavailable
+from shears.errors import ModelUnavailable
+from shears.pruning.checkpoint import Checkpoint
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.skeleton import Skeleton
+from shears.pruning.skeleton import Skeleton
 
 
 @dataclass

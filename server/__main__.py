@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli import register
+from shears.server.cli import register
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from calibration.sources import UPLOAD_ID, is_local_path, parse_hf_spec
-from pruning.config import PruneRequest
-from pruning.errors import InvalidRequest
-from pruning.models import BUILTIN_MODELS, check_spec
-from server.settings import Settings
+from shears.calibration.sources import UPLOAD_ID, is_local_path, parse_hf_spec
+from shears.errors import InvalidRequest
+from shears.pruning.config import PruneRequest
+from shears.pruning.models import BUILTIN_MODELS, check_spec
+from shears.server.settings import Settings
 
 _PATHLIKE_PREFIXES = ("/", ".", "~", "\\")
 
@@ -83,7 +83,7 @@ def check_source(spec: str, settings: Settings, upload_exists: Callable[[str], b
 
 
 def admit(request: PruneRequest, settings: Settings, upload_exists: Callable[[str], bool]) -> None:
-    """Raise a pruning.errors.ShearsError (its code says which) if the request may not run here."""
+    """Raise a shears.errors.ShearsError (its code says which) if the request may not run here."""
     check_model(request, settings)
     check_source(request.calibration.source, settings, upload_exists, "calibration.source")
     if request.evaluation.enabled and request.evaluation.source is not None:

@@ -10,15 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from server import problems
-from server.api import system, v1
-from server.db import migrate
-from server.dispatcher import Dispatcher
-from server.executors import make_executor
-from server.metrics import make_registry
-from server.problems import ProblemDoc
-from server.settings import Settings
-from server.store import Store
+from shears.server import problems
+from shears.server.api import system, v1
+from shears.server.db import migrate
+from shears.server.dispatcher import Dispatcher
+from shears.server.executors import make_executor
+from shears.server.metrics import make_registry
+from shears.server.problems import ProblemDoc
+from shears.server.settings import Settings
+from shears.server.store import Store
 
 log = logging.getLogger("shears.server")
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import ShearsError
+from shears.errors import ShearsError
+from shears.manifest import MANIFEST, SAFE_NAME
 
-MANIFEST = "manifest.json"
-_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}"  # fits a ustar header with the job-id prefix
-SAFE_NAME = re.compile(rf"^{_PART}(/{_PART})?$")
 _CHUNK = 1 << 20
 
 

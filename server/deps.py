@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.dispatcher import Dispatcher
-from server.problems import Problem
-from server.settings import Settings
-from server.store import Store
+from shears.server.dispatcher import Dispatcher
+from shears.server.problems import Problem
+from shears.server.settings import Settings
+from shears.server.store import Store
 
 _bearer = HTTPBearer(auto_error=False, description="required when the server binds a non-loopback address")
 

@@ -11,10 +11,10 @@ import shutil
 import threading
 import time
 
-from server.executors import Executor
-from server.models import CANCELLING, Job, utcnow
-from server.settings import Settings
-from server.store import Store
+from shears.server.executors import Executor
+from shears.server.models import CANCELLING, Job, utcnow
+from shears.server.settings import Settings
+from shears.server.store import Store
 
 log = logging.getLogger("shears.server")
 

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from server.models import TERMINAL
-from server.schemas import event_out
-from server.store import Store
+from shears.server.models import TERMINAL
+from shears.server.schemas import event_out
+from shears.server.store import Store
 
 POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0

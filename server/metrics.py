@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.models import ACTIVE, STATUSES
-from server.store import Store
+from shears.server.models import ACTIVE, STATUSES
+from shears.server.store import Store
 
 _BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.models import Job, JobEvent, Upload, utcnow
+from shears.server.models import Job, JobEvent, Upload, utcnow
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 

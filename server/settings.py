@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pruning.config import EngineOptions
+from shears.pruning.config import EngineOptions
 
 # Passed on to workers; the token and the listen address stay with the API process.
 _WORKER_FIELDS = (
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         """The remote artifact storage (server.storage.RemoteArtifacts), or None for <data_dir>/jobs."""
         if not self.artifacts_url:
             return None
-        from server.storage import RemoteArtifacts
+        from shears.server.storage import RemoteArtifacts
 
         return RemoteArtifacts(self.artifacts_url, self.artifacts_options)
 

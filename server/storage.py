@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from server.artifacts import MANIFEST, ArtifactError
+from shears.server.artifacts import MANIFEST, ArtifactError
 
 _CHUNK = 1 << 20
 

@@ -20,8 +20,8 @@ from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from server.db import BEGIN_OPTION, CLAIM_LOCK, make_engine
-from server.models import (
+from shears.server.db import BEGIN_OPTION, CLAIM_LOCK, make_engine
+from shears.server.models import (
     ACTIVE,
     CANCELLED,
     CANCELLING,

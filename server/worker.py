@@ -21,11 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import ShearsError
-from pruning.progress import Event
-from server.models import ACTIVE, CANCELLED, FAILED, SUCCEEDED
-from server.settings import Settings
-from server.store import Store
+from shears.errors import ShearsError
+from shears.progress import Event
+from shears.server.models import ACTIVE, CANCELLED, FAILED, SUCCEEDED
+from shears.server.settings import Settings
+from shears.server.store import Store
 
 log = logging.getLogger("shears.worker")
 _CODES = {"invalid_request", "model_unavailable", "unsafe_weights", "out_of_memory", "internal"}
@@ -169,9 +169,9 @@ def _run_job(
     attempt: int,
     job_id: str,
 ) -> str | None:
-    from pruning.config import PruneRequest
-    from server.admission import admit
-    from server.artifacts import verify_folder
+    from shears.pruning.config import PruneRequest
+    from shears.server.admission import admit
+    from shears.server.artifacts import verify_folder
 
     request = PruneRequest.model_validate(request_data)
     admit(request, settings, lambda upload_id: store.get_upload(upload_id) is not None)
@@ -181,7 +181,7 @@ def _run_job(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from pruning.engine import prune
+    from shears.pruning.engine import prune
 
     manifest = prune(request, out_dir, reporter=reporter, options=settings.engine_options())
     verify_folder(out_dir, manifest)

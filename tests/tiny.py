@@ -54,7 +54,7 @@ _CONFIGS: dict[str, tuple[str, dict]] = {
 
 
 def _training_text() -> list[str]:
-    from calibration.builtin import builtin_documents
+    from shears.calibration.builtin import builtin_documents
 
     return [doc for _, doc in zip(range(4), builtin_documents(), strict=False)]
 

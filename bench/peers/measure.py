@@ -16,8 +16,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pruning.checkpoint import Checkpoint
-from pruning.skeleton import _num_layers, find_blocks
+from shears.pruning.checkpoint import Checkpoint
+from shears.pruning.skeleton import _num_layers, find_blocks
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def _sha256(path: Path) -> str:
 
 
 def _save_ids(path: Path, ids: torch.Tensor) -> Path:
-    from calibration import save_windows
+    from shears.calibration.windows import save_windows
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_windows(path, ids)
@@ -123,11 +123,11 @@ class Bench:
     def prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        from calibration import load_windows
-        from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
-        from pruning.evaluate import perplexity_of_folder
-        from pruning.manifest import versions
-        from pruning.models import resolve_model
+        from shears.calibration.windows import load_windows
+        from shears.manifest import versions
+        from shears.pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
+        from shears.pruning.evaluate import perplexity_of_folder
+        from shears.pruning.models import resolve_model
 
         config = self.config
         self.work.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ class Bench:
                 "info": windows.info,
             },
             "evaluation": {
-                "function": "pruning.evaluate.perplexity_of_folder",
+                "function": "shears.pruning.evaluate.perplexity_of_folder",
                 "seqlen": dense_ppl.seqlen,
                 "windows": dense_ppl.windows,
                 "tokens": dense_ppl.tokens,
@@ -218,7 +218,7 @@ class Bench:
     def _runs(
         self, job: Job, name: str, weight_names: list[str], evaluate: bool, tools: tuple[str, ...]
     ) -> list[ToolResult]:
-        from pruning.evaluate import perplexity_of_folder
+        from shears.pruning.evaluate import perplexity_of_folder
 
         results = []
         for tool in tools:
@@ -253,7 +253,7 @@ class Bench:
         return results
 
     def _job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
-        from pruning.config import Pattern
+        from shears.pattern import Pattern
 
         structured = Pattern.parse(pattern).sparsity
         return Job(

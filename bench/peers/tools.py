@@ -69,9 +69,9 @@ def child_env() -> dict[str, str]:
 
 
 def shears_command() -> list[str]:
-    """The `shears` entry point of the venv running this harness (`python -m pruning.cli` without one)."""
+    """The `shears` entry point of the venv running this harness (`python -m shears.cli` without one)."""
     entry = Path(sys.executable).parent / "shears"
-    return [str(entry)] if entry.is_file() else [sys.executable, "-m", "pruning.cli"]
+    return [str(entry)] if entry.is_file() else [sys.executable, "-m", "shears.cli"]
 
 
 def shears_argv(job: Job, out: Path) -> list[str]:

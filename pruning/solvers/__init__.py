@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pruning.config import Pattern
-from pruning.solvers.magnitude import magnitude_prune
-from pruning.solvers.reconstruct import reconstruct_masked
-from pruning.solvers.sparsegpt import PreparedHessian, layer_error, prepare_hessian, sparsegpt_prune
-from pruning.solvers.wanda import wanda_prune
+from shears.pattern import Pattern
+from shears.pruning.solvers.magnitude import magnitude_prune
+from shears.pruning.solvers.reconstruct import reconstruct_masked
+from shears.pruning.solvers.sparsegpt import PreparedHessian, layer_error, prepare_hessian, sparsegpt_prune
+from shears.pruning.solvers.wanda import wanda_prune
 
 __all__ = [
     "METHODS",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pruning.config import Pattern
-from pruning.masks import apply_mask, check_solver_args, prune_mask
+from shears.pattern import Pattern
+from shears.pruning.masks import apply_mask, check_solver_args, prune_mask
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import Tensor
 
-from pruning.stats import ieee_fp32_matmul
+from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pruning.config import Pattern
-from pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
-from pruning.solvers.reconstruct import reconstruct_masked
-from pruning.stats import ieee_fp32_matmul
+from shears.pattern import Pattern
+from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from shears.pruning.solvers.reconstruct import reconstruct_masked
+from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api import artifacts, events, jobs, system, uploads
-from server.deps import Authorized
+from shears.server.api import artifacts, events, jobs, system, uploads
+from shears.server.deps import Authorized
 
 v1 = APIRouter(dependencies=[Authorized])
 for module in (jobs, events, artifacts, uploads):

@@ -13,15 +13,15 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import artifacts, ranges
-from server.api.jobs import JobId, find_job
-from server.deps import SettingsDep, StoreDep
-from server.models import SUCCEEDED, Job
-from server.problems import Problem
-from server.schemas import ArtifactFile, ArtifactList
-from server.settings import Settings
-from server.storage import RemoteArtifacts
-from server.store import Store
+from shears.server import artifacts, ranges
+from shears.server.api.jobs import JobId, find_job
+from shears.server.deps import SettingsDep, StoreDep
+from shears.server.models import SUCCEEDED, Job
+from shears.server.problems import Problem
+from shears.server.schemas import ArtifactFile, ArtifactList
+from shears.server.settings import Settings
+from shears.server.storage import RemoteArtifacts
+from shears.server.store import Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import events
-from server.api.jobs import JobId, find_job
-from server.deps import StoreDep
-from server.schemas import EventList, event_out
+from shears.server import events
+from shears.server.api.jobs import JobId, find_job
+from shears.server.deps import StoreDep
+from shears.server.schemas import EventList, event_out
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 

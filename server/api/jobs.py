@@ -11,14 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from pruning.config import PruneRequest
-from pruning.errors import ShearsError
-from server.admission import admit
-from server.deps import DispatcherDep, SettingsDep, StoreDep
-from server.models import TERMINAL, Job
-from server.problems import Problem
-from server.schemas import JobList, JobOut, Status, job_out
-from server.store import IdempotencyConflict, NotTerminal, QueueFull, Store
+from shears.errors import ShearsError
+from shears.pruning.config import PruneRequest
+from shears.server.admission import admit
+from shears.server.deps import DispatcherDep, SettingsDep, StoreDep
+from shears.server.models import TERMINAL, Job
+from shears.server.problems import Problem
+from shears.server.schemas import JobList, JobOut, Status, job_out
+from shears.server.store import IdempotencyConflict, NotTerminal, QueueFull, Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _JOB_ID = re.compile(r"^j[0-9a-f]{21}$")

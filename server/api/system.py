@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from server import metrics
-from server.db import schema_is_current
-from server.deps import SettingsDep, StoreDep, require_token
+from shears.server import metrics
+from shears.server.db import schema_is_current
+from shears.server.deps import SettingsDep, StoreDep, require_token
 
 router = APIRouter(tags=["system"])
 

@@ -18,11 +18,11 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from calibration.sources import SUFFIXES
-from server.deps import SettingsDep, StoreDep
-from server.problems import Problem
-from server.schemas import UploadOut, upload_out
-from server.store import new_id
+from shears.calibration.sources import SUFFIXES
+from shears.server.deps import SettingsDep, StoreDep
+from shears.server.problems import Problem
+from shears.server.schemas import UploadOut, upload_out
+from shears.server.store import new_id
 
 router = APIRouter(prefix="/v1/calibration", tags=["calibration"])
 _MULTIPART_OVERHEAD = 64 << 10

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from server.models import Job
-from server.settings import Settings
+from shears.server.models import Job
+from shears.server.settings import Settings
 
 
 class Executor(Protocol):
@@ -31,11 +31,11 @@ class Executor(Protocol):
 
 def make_executor(settings: Settings) -> Executor:
     if settings.executor == "local":
-        from server.executors.local import LocalExecutor
+        from shears.server.executors.local import LocalExecutor
 
         return LocalExecutor(settings)
     if settings.executor == "ray":
-        from server.executors.ray import RayExecutor
+        from shears.server.executors.ray import RayExecutor
 
         return RayExecutor(settings)
     raise ValueError(f"unknown executor {settings.executor!r}")  # pragma: no cover

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from server.models import Job
-from server.settings import Settings
+from shears.server.models import Job
+from shears.server.settings import Settings
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LocalExecutor:
         self._workers: dict[int, _Worker] = {}
 
     def command(self, job_id: str, attempt: int) -> list[str]:
-        return [sys.executable, "-m", "server", "worker", job_id, "--attempt", str(attempt)]
+        return [sys.executable, "-m", "shears.server", "worker", job_id, "--attempt", str(attempt)]
 
     def launch(self, job_id: str, attempt: int) -> tuple[str, int]:
         job_dir = self.settings.jobs_dir / job_id

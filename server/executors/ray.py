@@ -19,8 +19,8 @@ import shlex
 import time
 from typing import Any
 
-from server.models import Job
-from server.settings import Settings
+from shears.server.models import Job
+from shears.server.settings import Settings
 
 log = logging.getLogger("shears.server")
 _TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}

@@ -20,9 +20,9 @@ from bench.peers import report
 from bench.peers.measure import folder_sparsity, pruned_weight_names, run_child
 from bench.peers.run import DEFAULT_PEER_PYTHON, BenchConfig, run_benchmark
 from bench.peers.tools import ToolResult
-from pruning.checkpoint import Checkpoint
-from pruning.config import Pattern
-from pruning.masks import satisfies_pattern
+from shears.pattern import Pattern
+from shears.pruning.checkpoint import Checkpoint
+from shears.pruning.masks import satisfies_pattern
 
 PEER = DEFAULT_PEER_PYTHON if DEFAULT_PEER_PYTHON.is_file() else None
 
@@ -68,7 +68,7 @@ def test_run_child_measures_the_tool_not_the_harness(tmp_path: Path) -> None:
 
 def test_shears_side_and_shared_evaluation(bench_data: tuple[dict, Path]) -> None:
     data, _ = bench_data
-    assert data["evaluation"]["function"] == "pruning.evaluate.perplexity_of_folder"
+    assert data["evaluation"]["function"] == "shears.pruning.evaluate.perplexity_of_folder"
     windows = data["evaluation"]["windows"]
     assert 1 <= windows <= 256 // 32 and data["evaluation"]["tokens"] == windows * 31
     assert math.isfinite(data["dense"]["ppl"]) and data["dense"]["ppl"] > 1

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from calibration.builtin import EVALUATION_WORKS, _package_dir, builtin_documents, strip_gutenberg
-from calibration.windows import TokenStream
-from pruning.errors import CalibrationError
+from shears.calibration.builtin import EVALUATION_WORKS, _package_dir, builtin_documents, strip_gutenberg
+from shears.calibration.windows import TokenStream
+from shears.errors import CalibrationError
 from tests.tiny import make_tokenizer
 
 BOILERPLATE = re.compile(

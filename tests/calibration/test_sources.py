@@ -5,9 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from calibration.builtin import builtin_documents
-from calibration.sources import HFSpec, is_local_path, open_source, parse_hf_spec, resolve_upload, token_file
-from pruning.errors import CalibrationError
+from shears.calibration.builtin import builtin_documents
+from shears.calibration.sources import (
+    HFSpec,
+    is_local_path,
+    open_source,
+    parse_hf_spec,
+    resolve_upload,
+    token_file,
+)
+from shears.errors import CalibrationError
 
 
 def documents(spec: str, *, column: str | None = None, uploads: Path | None = None) -> list[str]:

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import calibration.windows as windows_module
-from calibration.builtin import builtin_documents
-from calibration.sources import open_source
-from calibration.windows import (
+import shears.calibration.windows as windows_module
+from shears.calibration.builtin import builtin_documents
+from shears.calibration.sources import open_source
+from shears.calibration.spec import CalibrationSpec, EvaluationSpec
+from shears.calibration.windows import (
     POOL_FACTOR,
     TokenStream,
     iter_batches,
@@ -22,8 +23,7 @@ from calibration.windows import (
     sample_windows,
     save_windows,
 )
-from pruning.config import CalibrationSpec, EvaluationSpec
-from pruning.errors import CalibrationError
+from shears.errors import CalibrationError
 from tests.tiny import make_tokenizer
 
 SMALL_EVAL = EvaluationSpec(seqlen=128, max_tokens=1024)
@@ -102,7 +102,7 @@ def test_small_pool_gives_overlapping_windows(tmp_path: Path, tokenizer: Any, ca
     path.write_text(numbered_documents(1, 60)[0])
     tokens = full_stream(str(path), tokenizer).read(10**9).numel()
     assert 64 < tokens < 16 * 64
-    with caplog.at_level(logging.WARNING, logger="calibration.windows"):
+    with caplog.at_level(logging.WARNING, logger="shears.calibration.windows"):
         result = load_windows(calib(str(path)), None, tokenizer)
     assert result.info["overlapping_windows"] is True
     assert result.calibration.shape == (16, 64)

@@ -27,7 +27,7 @@ def test_kernels_compile_for_sm90_without_spills() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "kernels.aot_check", "--quick", "--arch", "90"],
+        [sys.executable, "-m", "shears.kernels.aot_check", "--quick", "--arch", "90"],
         cwd=ROOT,
         env=env,
         capture_output=True,

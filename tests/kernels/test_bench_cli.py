@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cli
-from kernels.bench import run_benchmark
-from kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
+from shears.kernels import cli
+from shears.kernels.bench import run_benchmark
+from shears.kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
 
 
 def shears(*argv: str) -> int:
@@ -123,7 +123,7 @@ def test_bench_without_manifest_guesses_or_takes_the_pattern(
 
 def test_gpu_chart_and_summary_render(tmp_path: Path) -> None:
     """The GPU-only report parts (filled by a GPU run) render: one speedup panel per shape, terminal lines."""
-    from kernels.chart import write_chart
+    from shears.kernels.chart import write_chart
 
     rows = [
         {

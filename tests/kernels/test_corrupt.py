@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.errors import PackedFormatError
-from kernels.formats import PackedBitmask, PackedNM, pack_bitmask, pack_nm, validate
-from kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
+from shears.kernels.errors import PackedFormatError
+from shears.kernels.formats import PackedBitmask, PackedNM, pack_bitmask, pack_nm, validate
+from shears.kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
 
 
 def nm_weight() -> torch.Tensor:
@@ -22,7 +22,7 @@ def nm_weight() -> torch.Tensor:
 
 
 def test_is_a_value_error_and_an_invalid_request() -> None:
-    from pruning.errors import InvalidRequest
+    from shears.errors import InvalidRequest
 
     assert issubclass(PackedFormatError, ValueError) and issubclass(PackedFormatError, InvalidRequest)
     assert PackedFormatError.code == "invalid_request"

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from kernels.decode_bench import decode_comparison, greedy_decode
-from kernels.sparse_file import pack_folder
+from shears.kernels.decode_bench import decode_comparison, greedy_decode
+from shears.kernels.sparse_file import pack_folder
 
 
 def test_greedy_decode_matches_generate(pruned_24: tuple[Path, list[str]]) -> None:

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.errors import PackedFormatError
-from kernels.formats import (
+from shears.kernels.errors import PackedFormatError
+from shears.kernels.formats import (
     PackedNM,
     index_bits,
     nm_indices,

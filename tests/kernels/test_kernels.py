@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import triton_common
-from kernels.configs import KernelConfig, candidate_configs, fits, m_bucket, split_tiles
-from kernels.dispatch import Dispatcher, PackedOperand, interpreting
-from kernels.formats import pack_bitmask, pack_nm, unpack
-from kernels.reference import bitmask_matmul_reference, nm_matmul_reference, packed_matmul_reference
-from kernels.selfcheck import CASES, check_kernel, run_checks, sparse_weight, tolerance
-from kernels.triton_bitmask import bitmask_matmul, chunk_offsets
-from kernels.triton_nm import nm_matmul
+from shears.kernels import triton_common
+from shears.kernels.configs import KernelConfig, candidate_configs, fits, m_bucket, split_tiles
+from shears.kernels.dispatch import Dispatcher, PackedOperand, interpreting
+from shears.kernels.formats import pack_bitmask, pack_nm, unpack
+from shears.kernels.reference import bitmask_matmul_reference, nm_matmul_reference, packed_matmul_reference
+from shears.kernels.selfcheck import CASES, check_kernel, run_checks, sparse_weight, tolerance
+from shears.kernels.triton_bitmask import bitmask_matmul, chunk_offsets
+from shears.kernels.triton_nm import nm_matmul
 
 
 def test_interpreter_is_on() -> None:
@@ -154,7 +154,7 @@ def test_run_checks_all_pass() -> None:
 
 
 def test_dispatcher_refuses_a_backend_that_disagrees_with_the_reference() -> None:
-    from kernels.dispatch import Choice
+    from shears.kernels.dispatch import Choice
 
     g = torch.Generator().manual_seed(12)
     op = PackedOperand(sparse_weight("nm", 2, 4, 16, 64, torch.bfloat16, g))

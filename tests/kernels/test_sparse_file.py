@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kernels.formats import PackedBitmask, PackedNM
-from kernels.safetensors_io import save_deterministic
-from kernels.sparse_file import (
+from shears.kernels.formats import PackedBitmask, PackedNM
+from shears.kernels.safetensors_io import save_deterministic
+from shears.kernels.sparse_file import (
     SPARSE_FILE,
     SPARSE_INDEX,
     pack_folder,

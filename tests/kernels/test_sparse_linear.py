@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from kernels.errors import PackedFormatError
-from kernels.formats import pack_nm
-from kernels.sparse_file import pack_folder
-from kernels.sparse_linear import SparseLinear, load_packed_model, swap_in_sparse
+from shears.kernels.errors import PackedFormatError
+from shears.kernels.formats import pack_nm
+from shears.kernels.sparse_file import pack_folder
+from shears.kernels.sparse_linear import SparseLinear, load_packed_model, swap_in_sparse
 from tests.kernels.pruned import magnitude_prune
 
 PROMPT = torch.tensor([[1, 17, 250, 33, 9, 480, 64, 5]])

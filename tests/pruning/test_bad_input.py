@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pruning.cli import main
-from pruning.config import CalibrationSpec, EngineOptions, PruneRequest
-from pruning.engine import prune
-from pruning.errors import CalibrationError, InvalidRequest, ModelUnavailable, UnsafeWeights
-from pruning.models import check_spec
+from shears.cli import main
+from shears.errors import CalibrationError, InvalidRequest, ModelUnavailable, UnsafeWeights
+from shears.pruning.config import CalibrationSpec, EngineOptions, PruneRequest
+from shears.pruning.engine import prune
+from shears.pruning.models import check_spec
 from tests.pruning.test_engine import fast_request
 
 

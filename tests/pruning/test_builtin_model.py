@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec, PruneRequest
-from pruning.engine import prune
-from pruning.models import resolve_model
+from shears.pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec, PruneRequest
+from shears.pruning.engine import prune
+from shears.pruning.models import resolve_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pruning.checkpoint import Checkpoint
-from pruning.errors import ModelUnavailable
+from shears.errors import ModelUnavailable
+from shears.pruning.checkpoint import Checkpoint
 
 
 def _tensors() -> dict[str, torch.Tensor]:

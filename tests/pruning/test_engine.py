@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec, PruneRequest
-from pruning.engine import prune
-from pruning.errors import ModelUnavailable
-from pruning.manifest import verify_files
-from pruning.progress import Event
+from shears.errors import ModelUnavailable
+from shears.manifest import verify_files
+from shears.progress import Event
+from shears.pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec, PruneRequest
+from shears.pruning.engine import prune
 from tests.tiny import ARCHITECTURES
 
 FAST_CALIB = CalibrationSpec(samples=4, seqlen=64, batch_size=2)
@@ -55,7 +55,7 @@ def check_output(folder: Path, request: PruneRequest) -> dict:
         assert manifest[key] is not None, key
     assert manifest["request"]["calibration"]["seed"] == request.calibration.seed
     tensors = weights(folder)
-    pattern = request.parsed_pattern
+    pattern = request.pattern
     assert manifest["layers"], "no layer was pruned"
     for name, layer in manifest["layers"].items():
         weight = tensors[name + ".weight"]
@@ -169,7 +169,7 @@ def test_self_calibration_samples_text_from_the_model(tiny_llama: Path, tmp_path
 
 
 def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path, tmp_path: Path) -> None:
-    from pruning.cli import main
+    from shears.cli import main
 
     request = fast_request(tiny_llama, pattern="2:4", formats=["dense", "packed"])
     manifest = prune(request, tmp_path / "out")
@@ -194,7 +194,7 @@ def test_token_ids_need_no_tokenizer_and_blocks_report_their_output_error(
 ) -> None:
     """A folder without tokenizer files prunes from a token-id file (the tokenizer loads lazily);
     the per-block output error is measured on the leading calibration tokens."""
-    from calibration import save_windows
+    from shears.calibration.windows import save_windows
 
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.config import Pattern
-from pruning.errors import InvalidRequest
-from pruning.masks import (
+from shears.errors import InvalidRequest
+from shears.pattern import Pattern
+from shears.pruning.masks import (
     achieved_sparsity,
     apply_mask,
     check_pattern,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.owl import outlier_ratio, owl_sparsities
+from shears.pruning.owl import outlier_ratio, owl_sparsities
 
 
 def test_mean_is_target_and_more_outliers_means_less_sparsity() -> None:

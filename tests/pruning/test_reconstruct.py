@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.config import Pattern
-from pruning.masks import satisfies_pattern
-from pruning.solvers import layer_error, reconstruct_masked, sparsegpt_prune
-from pruning.stats import HessianAccumulator
+from shears.pattern import Pattern
+from shears.pruning.masks import satisfies_pattern
+from shears.pruning.solvers import layer_error, reconstruct_masked, sparsegpt_prune
+from shears.pruning.stats import HessianAccumulator
 from tests.pruning.test_solvers import activations
 
 

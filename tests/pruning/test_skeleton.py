@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pruning.skeleton import build_skeleton
+from shears.pruning.skeleton import build_skeleton
 from tests.tiny import make_tiny_model
 
 

@@ -5,12 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning.config import Pattern
-from pruning.errors import InvalidRequest
-from pruning.masks import satisfies_pattern
-from pruning.solvers import layer_error, magnitude_prune, solve, sparsegpt_prune, wanda_prune
-from pruning.solvers.sparsegpt import inverse_hessian_factor
-from pruning.stats import HessianAccumulator, InputNormAccumulator
+from shears.errors import InvalidRequest
+from shears.pattern import Pattern
+from shears.pruning.masks import satisfies_pattern
+from shears.pruning.solvers import layer_error, magnitude_prune, solve, sparsegpt_prune, wanda_prune
+from shears.pruning.solvers.sparsegpt import inverse_hessian_factor
+from shears.pruning.stats import HessianAccumulator, InputNormAccumulator
 
 ROWS, COLS, TOKENS = 64, 256, 1024
 METHODS = ["magnitude", "wanda", "sparsegpt"]

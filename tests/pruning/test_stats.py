@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning.stats import HessianAccumulator, InputNormAccumulator, ieee_fp32_matmul
+from shears.pruning.stats import HessianAccumulator, InputNormAccumulator, ieee_fp32_matmul
 
 K = 48
 

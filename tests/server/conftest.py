@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers
 
-from server.client import ShearsClient
-from server.launch import ServerProcess
-from server.store import Store
+from shears.client.client import ShearsClient
+from shears.client.launch import ServerProcess
+from shears.server.store import Store
 from tests.tiny import make_tokenizer
 
 # Short leases and heartbeats so lost workers are noticed in seconds, not the default 30 s.

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.launch import free_port
+from shears.client.launch import free_port
 
 
 def _as_postgres(command: list[str]) -> list[str]:

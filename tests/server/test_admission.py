@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pruning.config import PruneRequest
-from pruning.errors import InvalidRequest, ShearsError
-from server.admission import admit
-from server.settings import Settings
+from shears.errors import InvalidRequest, ShearsError
+from shears.pruning.config import PruneRequest
+from shears.server.admission import admit
+from shears.server.settings import Settings
 
 
 def _request(model: str, source: str = "builtin") -> PruneRequest:

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.client import ShearsAPIError, ShearsClient
-from server.launch import ServerProcess
+from shears.client.client import ShearsAPIError, ShearsClient
+from shears.client.launch import ServerProcess
 from tests.server.conftest import job_request
 
 

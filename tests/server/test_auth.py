@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.client import ShearsAPIError, ShearsClient
-from server.launch import free_port
+from shears.client.client import ShearsAPIError, ShearsClient
+from shears.client.launch import free_port
 from tests.server.conftest import job_request
 
 
@@ -21,7 +21,7 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path: Path, how: s
     command = [
         sys.executable,
         "-m",
-        "server",
+        "shears.server",
         "serve",
         "--port",
         str(free_port()),

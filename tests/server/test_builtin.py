@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.demo import run_demo
+from shears.client.demo import run_demo
 
 
 @pytest.mark.slow

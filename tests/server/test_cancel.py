@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from server.client import ShearsClient
-from server.db import migrate
-from server.dispatcher import Dispatcher
-from server.executors.local import LocalExecutor
-from server.settings import Settings
-from server.store import Store
+from shears.client.client import ShearsClient
+from shears.server.db import migrate
+from shears.server.dispatcher import Dispatcher
+from shears.server.executors.local import LocalExecutor
+from shears.server.settings import Settings
+from shears.server.store import Store
 from tests.server.conftest import medium_job, process_gone, wait_for, wait_for_event, worker_pid
 
 

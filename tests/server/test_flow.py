@@ -16,8 +16,8 @@ import httpx
 import pytest
 import torch
 
-from server.client import ChecksumError, ShearsAPIError, ShearsClient
-from server.demo import check_sparsity
+from shears.client.client import ChecksumError, ShearsAPIError, ShearsClient
+from shears.client.demo import check_sparsity
 from tests.server.conftest import job_request
 
 
@@ -48,7 +48,7 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server",
+            "shears.client",
             "submit",
             "--url",
             server.url,
@@ -67,14 +67,14 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     assert "[succeeded]" in done.stderr and "pruning" in done.stderr
 
     status = subprocess.run(
-        [sys.executable, "-m", "server", "status", "--url", server.url, job_id],
+        [sys.executable, "-m", "shears.client", "status", "--url", server.url, job_id],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
     lines = subprocess.run(
-        [sys.executable, "-m", "server", "events", "--url", server.url, job_id, "--follow"],
+        [sys.executable, "-m", "shears.client", "events", "--url", server.url, job_id, "--follow"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -163,7 +163,7 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
 
     # The CLI downloads too (and keeps files that are already complete).
     cli = subprocess.run(
-        [sys.executable, "-m", "server", "download", "--url", server.url, job_id, str(dest)],
+        [sys.executable, "-m", "shears.client", "download", "--url", server.url, job_id, str(dest)],
         capture_output=True,
         text=True,
         timeout=120,

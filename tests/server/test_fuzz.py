@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server.launch import ServerProcess
+from shears.client.launch import ServerProcess
 
 EXAMPLES = 5
 

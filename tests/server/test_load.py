@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from server.client import ShearsClient
+from shears.client.client import ShearsClient
 from tests.server.conftest import medium_job
 
 POLLERS = 8

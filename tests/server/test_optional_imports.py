@@ -1,4 +1,5 @@
-"""The default server (SQLite, local executor, local artifacts) imports nothing of the scale-out extras."""
+"""The default server (SQLite, local executor, local artifacts) imports nothing of the scale-out extras,
+and the API process never imports torch (workers do, in their own processes)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ from pathlib import Path
 
 _PROBE = """
 import sys
-from server.app import create_app
-from server.executors import make_executor
-from server.settings import Settings
-from server.store import Store
-import server.worker, server.cli
+from shears.server.app import create_app
+from shears.server.executors import make_executor
+from shears.server.settings import Settings
+from shears.server.store import Store
+import shears.server.worker, shears.server.cli
 settings = Settings(data_dir=sys.argv[1])
 create_app(settings)
 make_executor(settings)
 assert settings.artifact_storage() is None
 Store(settings.resolved_store_url).close()
-print(sorted(m for m in ("ray", "s3fs", "psycopg", "moto", "aiobotocore") if m in sys.modules))
+heavy = ("ray", "s3fs", "psycopg", "moto", "aiobotocore", "torch", "transformers")
+print(sorted(m for m in heavy if m in sys.modules))
 """
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from server.client import ShearsClient
-from server.store import Store
+from shears.client.client import ShearsClient
+from shears.server.store import Store
 from tests.server.conftest import (
     first_block_done,
     job_request,

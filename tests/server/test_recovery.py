@@ -9,8 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from server.client import ShearsClient
-from server.launch import ServerProcess
+from shears.client.client import ShearsClient
+from shears.client.launch import ServerProcess
 from tests.server.conftest import (
     first_block_done,
     medium_job,
@@ -110,11 +110,11 @@ def test_killed_server_and_worker_requeue_on_restart(start_server, model_root: P
 
 def test_lease_expiry_requeues_a_silent_worker(tmp_path: Path, model_root: Path) -> None:
     """A worker on another host (or hung) that stops heartbeating loses its job when the lease ends."""
-    from server.db import migrate
-    from server.dispatcher import Dispatcher
-    from server.executors.local import LocalExecutor
-    from server.settings import Settings
-    from server.store import Store
+    from shears.server.db import migrate
+    from shears.server.dispatcher import Dispatcher
+    from shears.server.executors.local import LocalExecutor
+    from shears.server.settings import Settings
+    from shears.server.store import Store
 
     settings = Settings(data_dir=tmp_path, lease_seconds=0.5, min_free_disk_bytes=0, max_concurrent_jobs=0)
     store = Store(settings.resolved_store_url)

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.client import ShearsClient
-from server.ranges import parse_range
-from server.storage import RemoteArtifacts
+from shears.client.client import ShearsClient
+from shears.server.ranges import parse_range
+from shears.server.storage import RemoteArtifacts
 from tests.server.conftest import job_request
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.client import ShearsClient
+from shears.client.client import ShearsClient
 from tests.server.conftest import job_request, wait_for
 
 

@@ -12,9 +12,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from server.db import make_engine, migrate, schema_is_current
-from server.models import Base
-from server.store import IdempotencyConflict, NotTerminal, QueueFull, Store
+from shears.server.db import make_engine, migrate, schema_is_current
+from shears.server.models import Base
+from shears.server.store import IdempotencyConflict, NotTerminal, QueueFull, Store
 
 REQUEST = {"model": "smollm2-135m", "method": "wanda", "sparsity": 0.5}
 
@@ -196,8 +196,8 @@ def test_list_jobs_pages_newest_first(store: Store) -> None:
 def test_progress_and_eta_from_the_phase_pace(store: Store) -> None:
     from datetime import timedelta
 
-    from server.models import utcnow
-    from server.schemas import job_out
+    from shears.server.models import utcnow
+    from shears.server.schemas import job_out
 
     job = store.create_job(REQUEST, max_attempts=3)[0]
     store.claim_next(capacity=1, lease_seconds=30)

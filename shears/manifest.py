@@ -6,10 +6,15 @@ import hashlib
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,95}"  # fits a ustar header with the job-id prefix
+# A name a manifest may list: plain relative parts, one folder level at most (checked before any
+# download path is built from one).
+SAFE_NAME = re.compile(rf"^{_PART}(/{_PART})?$")
 
 
 def sha256_file(path: Path) -> str:
@@ -36,7 +41,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from pruning import __version__
+    from shears import __version__
 
     return {
         "shears": __version__,

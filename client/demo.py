@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server.client import ShearsClient
-from server.follow import follow
-from server.launch import ServerProcess
+from shears.client.client import ShearsClient
+from shears.client.follow import follow
+from shears.client.launch import ServerProcess
 
 
 def demo_request(model: str, samples: int, seqlen: int, eval_tokens: int) -> dict[str, Any]:

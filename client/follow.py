@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from server.client import ShearsClient
+from shears.client.client import ShearsClient
 
 
 def follow(client: ShearsClient, job_id: str, *, quiet: bool = False, after: int = 0) -> dict[str, Any]:

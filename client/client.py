@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from server.artifacts import SAFE_NAME
+from shears.manifest import SAFE_NAME
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _CHUNK = 1 << 20

@@ -43,7 +43,7 @@ class ServerProcess:
         return [
             sys.executable,
             "-m",
-            "server",
+            "shears",
             "serve",
             "--host",
             self.host,
