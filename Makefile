@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shears-setup
+# Source-checkout imports win over the installed (editable) copy: a git worktree sharing .venv tests itself.
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup demo test lint bench bench-peers clean
 
