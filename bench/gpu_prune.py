@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from shears.pruning.methods import METHODS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_7B = dict(
     hidden_size=4096,
@@ -74,7 +76,7 @@ def build_model(folder: Path, shape: dict[str, int], device: torch.device) -> fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"], default="sparsegpt")
+    parser.add_argument("--method", choices=list(METHODS), default="sparsegpt")
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shears.pattern import Pattern
+
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -25,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="submit a pruning job to a server")
     _client_args(submit)
     submit.add_argument("model", nargs="?", help="built-in alias, hub repo id, or a path the server allows")
-    submit.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"])
+    # Not checked here: the server knows its methods (a 422 lists them) and their options.
+    submit.add_argument("--method", help="a pruning method of the server, e.g. sparsegpt, wanda, magnitude")
     submit.add_argument("--sparsity", type=float, help="implied by an N:M pattern")
     submit.add_argument("--pattern", default="unstructured")
     submit.add_argument("--revision")
@@ -37,6 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--eval-tokens", type=int)
     submit.add_argument("--formats", help="comma list of: dense, packed")
     submit.add_argument("--benchmark", action="store_true")
+    submit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any request field by its dotted path, value as JSON or text "
+        "(e.g. sparsegpt.refine_iterations=0, true_sequential=true); repeatable",
+    )
     submit.add_argument("--request", type=Path, help="the whole job request as a JSON file")
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
@@ -102,9 +113,11 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("shears submit: give MODEL and --method (or --request FILE)")
     request: dict[str, Any] = {"model": args.model, "method": args.method, "pattern": args.pattern}
     sparsity = args.sparsity
-    if sparsity is None and ":" in args.pattern:
-        n, m = (int(x) for x in args.pattern.split(":"))
-        sparsity = 1 - n / m
+    if sparsity is None:
+        try:
+            sparsity = Pattern.parse(args.pattern).sparsity
+        except ValueError as exc:
+            raise SystemExit(f"shears submit: {exc}") from None
     if sparsity is None:
         raise SystemExit("shears submit: give --sparsity (or an N:M --pattern)")
     request["sparsity"] = sparsity
@@ -117,7 +130,27 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
             request[key] = value
     if args.formats:
         request["formats"] = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for item in args.set:
+        _set_field(request, item)
     return request
+
+
+def _set_field(request: dict[str, Any], item: str) -> None:
+    """Apply one --set FIELD=VALUE: a dotted path into the request, a JSON value (else the text)."""
+    path, sep, text = item.partition("=")
+    if not sep or not path:
+        raise SystemExit(f"shears submit: --set {item!r}: expected FIELD=VALUE")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *parents, leaf = path.split(".")
+    node = request
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"shears submit: --set {item!r}: {key} is not an object")
+    node[leaf] = value
 
 
 def _finished(job: dict[str, Any]) -> int:

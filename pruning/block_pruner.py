@@ -13,15 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shears.pattern import Pattern
 from shears.pruning.config import PruneRequest
 from shears.pruning.masks import achieved_sparsity
+from shears.pruning.methods import METHODS
 from shears.pruning.resources import release_freed_memory
-from shears.pruning.solvers import PreparedHessian, layer_error, prepare_hessian, solve
-from shears.pruning.stats import HessianAccumulator, InputNormAccumulator
+from shears.pruning.solvers import layer_error
+from shears.pruning.stats import ACCUMULATORS, Accumulator
 from shears.pruning.streaming import Batch, run_block
-
-Accumulator = HessianAccumulator | InputNormAccumulator
 
 
 @dataclass
@@ -39,7 +37,7 @@ class InputStats:
 
     def __init__(self, layers: dict[str, nn.Linear], kind: str, device: torch.device) -> None:
         self.layers = layers
-        self.kind = kind  # "hessian" or "norms"
+        self.kind = kind  # a key of ACCUMULATORS: the statistic a method needs
         self.device = device
         self.groups: list[list[str]] | None = None  # layers sharing one input, in execution order
         self.accumulators: dict[str, Accumulator] = {}  # keyed by each group's first layer
@@ -57,8 +55,7 @@ class InputStats:
         self._handles.clear()
 
     def _new(self, columns: int) -> Accumulator:
-        cls = HessianAccumulator if self.kind == "hessian" else InputNormAccumulator
-        return cls(columns, self.device)
+        return ACCUMULATORS[self.kind](columns, self.device)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -98,29 +95,25 @@ def _solve_layers(
 ) -> list[LayerResult]:
     """Solve each layer on its master weight (storage precision), replacing it in `masters`; the
     block's own weight (compute precision) gets the pruned values for the forward passes after."""
-    pattern: Pattern = request.pattern
+    method, options = METHODS[request.method], request.method_options
     results = []
-    prepared: dict[int, PreparedHessian] = {}  # one factorisation per shared input
+    prepared: dict[int, object] = {}  # what the solver derives once per shared input
     for name, layer in layers.items():
         start = time.perf_counter()
         weight = masters[name]
         acc = stats.of(name) if stats is not None else None
-        hessian = acc.hessian if isinstance(acc, HessianAccumulator) else None
-        sq_norm = acc.sq_norm if isinstance(acc, InputNormAccumulator) else None
-        if hessian is not None and id(acc) not in prepared:
-            prepared[id(acc)] = prepare_hessian(hessian, request.sparsegpt.damp, weight.device)
-        pruned = solve(
-            request.method,
+        statistic = acc.value if acc is not None else None
+        if statistic is not None and id(acc) not in prepared:
+            prepared[id(acc)] = method.prepare(statistic, options, weight.device)
+        pruned = method.solve(
             weight,
-            sparsity=targets[name],
-            pattern=pattern,
-            hessian=hessian,
-            input_sq_norm=sq_norm,
-            block_size=request.sparsegpt.block_size,
-            damp=request.sparsegpt.damp,
+            targets[name],
+            request.pattern,
+            statistic=statistic,
+            options=options,
             prepared=prepared.get(id(acc)),
-            refine_iterations=request.sparsegpt.refine_iterations,
         )
+        hessian = statistic if method.statistic == "hessian" else None
         error = layer_error(weight, pruned, hessian) if hessian is not None else None
         masters[name] = pruned
         layer.weight.data.copy_(pruned)
@@ -181,8 +174,8 @@ def prune_block(
     The dense outputs come from the first statistics pass, before any weight changed, so the
     caller can measure the pruned block's output error against them.
     """
-    kind = "hessian" if request.method == "sparsegpt" else "norms"
-    if request.method == "magnitude" or not batches:
+    kind = METHODS[request.method].statistic
+    if kind == "none" or not batches:
         return _solve_layers(layers, None, targets, masters, request), False
     stats = collect(block, layers, kind, batches, device, dense_outputs)
     release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones

@@ -12,10 +12,12 @@ from shears.progress import Event
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from shears.pruning.methods import METHODS
+
     prune = sub.add_parser("prune", help="prune a model one-shot and write a Hugging Face folder")
     prune.add_argument("model", help="built-in alias (smollm2-135m), local folder, .gguf file or hub repo id")
     prune.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
-    prune.add_argument("--method", required=True, choices=["sparsegpt", "wanda", "magnitude"])
+    prune.add_argument("--method", required=True, choices=list(METHODS))
     prune.add_argument(
         "--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern"
     )
@@ -37,12 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--override", action="append", default=[], metavar="REGEX=SPARSITY")
     prune.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
     prune.add_argument("--true-sequential", action="store_true")
-    prune.add_argument(
-        "--refine-iterations",
-        type=int,
-        help="SparseGPT: iterations re-fitting kept weights to the final mask "
-        "(default 10; 0: the paper's algorithm)",
-    )
+    _add_method_options(prune)
     prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -68,6 +65,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.add_argument("name", nargs="?", default="smollm2-135m")
     models.add_argument("--cache-dir")
     models.set_defaults(func=_models)
+
+
+def _method_option_fields() -> dict[str, tuple[Any, list[str]]]:
+    """Every field of the methods' options models -> (its FieldInfo, the methods that take it)."""
+    from shears.pruning.methods import METHODS
+
+    fields: dict[str, tuple[Any, list[str]]] = {}
+    for name, entry in METHODS.items():
+        for field, info in (entry.options.model_fields if entry.options else {}).items():
+            fields.setdefault(field, (info, []))[1].append(name)
+    return fields
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of the methods (`--refine-iterations`); it sets the chosen method's
+    options block, so a flag several methods share means the same to each."""
+    for field, (info, methods) in _method_option_fields().items():
+        kind = info.annotation
+        extra: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if kind is bool
+            else {"type": kind, "metavar": field.upper()}
+        )
+        if kind not in (bool, int, float, str):
+            raise TypeError(f"option {field} of {methods}: give the command line a type for {kind}")
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=f"option_{field}",
+            default=None,
+            help=f"{', '.join(methods)}: {info.description or field} (default {info.default})",
+            **extra,
+        )
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options flags given, checked against the chosen method's options model."""
+    from shears.pruning.methods import METHODS
+
+    given = {f: v for f in _method_option_fields() if (v := getattr(args, f"option_{f}")) is not None}
+    options = METHODS[args.method].options
+    stray = sorted(set(given) - set(options.model_fields if options else ()))
+    if stray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in stray)
+        raise ValueError(f"{flags}: not an option of method {args.method}")
+    return given
 
 
 def _request_from_args(args: argparse.Namespace) -> Any:
@@ -115,8 +157,9 @@ def _request_from_args(args: argparse.Namespace) -> Any:
         formats=[f.strip() for f in args.formats.split(",") if f.strip()],
         benchmark=args.benchmark,
     )
-    if args.refine_iterations is not None:
-        fields["sparsegpt"] = {"refine_iterations": args.refine_iterations}
+    options = _method_options(args)
+    if options:
+        fields[args.method] = options
     if args.owl:
         fields["owl"] = {}
     if args.ignore is not None:

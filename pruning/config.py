@@ -10,15 +10,18 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from shears.calibration.spec import CalibrationSpec, EvaluationSpec
 from shears.pattern import Pattern
+from shears.pruning.methods import METHODS
 from shears.schema import Strict
 
-Method = Literal["sparsegpt", "wanda", "magnitude"]
+# The method names come from the registry (pruning.methods); a Literal so the schema lists them.
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 OutputFormat = Literal["dense", "packed"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -42,20 +45,14 @@ class OwlSpec(Strict):
     lam: Annotated[float, Field(ge=0, lt=1)] = 0.08
 
 
-class SparseGPTSpec(Strict):
-    block_size: Annotated[int, Field(ge=1, le=4096)] = 128
-    damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
-    refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
-        10,
-        description="conjugate-gradient iterations re-fitting the kept weights to the final mask "
-        "(least squares under the damped Hessian); 0 gives the paper's SparseGPT",
-    )
+class _Request(Strict):
+    """A pruning job: what to prune, how, and what to write."""
 
-
-class PruneRequest(Strict):
     model: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     revision: str | None = Field(None, max_length=128)
-    method: Method
+    method: MethodName = Field(
+        ..., description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
+    )
     sparsity: Annotated[float, Field(gt=0, lt=1)]
     pattern: PatternField = Pattern()
     calibration: CalibrationSpec = CalibrationSpec()
@@ -68,7 +65,6 @@ class PruneRequest(Strict):
     )
     owl: OwlSpec | None = None
     true_sequential: bool = False
-    sparsegpt: SparseGPTSpec = SparseGPTSpec()
     dtype: DType = Field("auto", description="dtype of the output weights; 'auto' keeps the model's")
     compute_dtype: DType = Field(
         "auto", description="dtype of block forwards; 'auto' is bf16 on GPUs and on CPUs with AMX/AVX512-BF16"
@@ -76,6 +72,11 @@ class PruneRequest(Strict):
     device: Device = "auto"
     formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
     benchmark: bool = False
+
+    @property
+    def method_options(self) -> Strict | None:
+        """The chosen method's options block, or None if the method takes none."""
+        return getattr(self, self.method) if METHODS[self.method].options is not None else None
 
     @field_validator("ignore")
     @classmethod
@@ -92,7 +93,7 @@ class PruneRequest(Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> PruneRequest:
+    def _consistent(self) -> _Request:
         pattern = self.pattern
         if pattern.structured:
             if abs(self.sparsity - pattern.sparsity) > 1e-6:
@@ -107,6 +108,21 @@ class PruneRequest(Strict):
         if not self.formats:
             raise ValueError("formats must name at least one of 'dense', 'packed'")
         return self
+
+
+# The request: the fields above plus one options block per method that has options, named after it
+# (`sparsegpt: {...}`), taken from METHODS. A request may carry any of them; its method reads its own.
+PruneRequest = create_model(
+    "PruneRequest",
+    __base__=_Request,
+    __module__=__name__,
+    __doc__=_Request.__doc__,
+    **{
+        name: (entry.options, Field(default_factory=entry.options, description=f"options of {name}"))
+        for name, entry in METHODS.items()
+        if entry.options is not None
+    },
+)
 
 
 def _compile(rx: str, field: str) -> re.Pattern[str]:

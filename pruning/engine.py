@@ -21,6 +21,7 @@ from shears.pruning.block_pruner import LayerResult, prune_block
 from shears.pruning.checkpoint import Checkpoint
 from shears.pruning.config import EngineOptions, PruneRequest
 from shears.pruning.evaluate import eval_batch_size, finish, split_windows
+from shears.pruning.methods import METHODS
 from shears.pruning.models import LazyTokenizer, ResolvedModel, resolve_model
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets, owl_block_sparsities
@@ -214,7 +215,7 @@ class _Job:
         )
         store = skeleton.device
         calib: list[Batch] = []
-        if request.method != "magnitude" or request.owl is not None:
+        if METHODS[request.method].statistic != "none" or request.owl is not None:
             batch_size = request.calibration.batch_size
             if store.type == "cpu":
                 # Sums of statistics do not depend on the batching; a CPU forward's temporaries

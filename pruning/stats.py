@@ -76,6 +76,8 @@ class HessianAccumulator:
         """The accumulated [K, K] Hessian (the accumulator's own tensor: do not modify it)."""
         return self._hessian
 
+    value = hessian  # the statistic a solver receives
+
     @property
     def tokens(self) -> int:
         return self._tokens
@@ -102,6 +104,14 @@ class InputNormAccumulator:
         """The accumulated [K] squared input norms (the accumulator's own tensor: do not modify it)."""
         return self._sq_norm
 
+    value = sq_norm  # the statistic a solver receives
+
     @property
     def tokens(self) -> int:
         return self._tokens
+
+
+Accumulator = HessianAccumulator | InputNormAccumulator
+
+# The accumulator of each statistic a method may name (pruning.methods.Statistic, "none" aside).
+ACCUMULATORS: dict[str, type[Accumulator]] = {"hessian": HessianAccumulator, "norms": InputNormAccumulator}

@@ -19,3 +19,10 @@ def magnitude_prune(weight: Tensor, sparsity: float, pattern: Pattern) -> Tensor
     check_solver_args(weight, sparsity, pattern)
     scores = weight.detach().to(torch.float32).abs()
     return apply_mask(weight.detach(), prune_mask(scores, sparsity, pattern, per_row=False))
+
+
+def solve(
+    weight: Tensor, sparsity: float, pattern: Pattern, statistic: None, options: None, prepared: None
+) -> Tensor:
+    """METHODS["magnitude"]: needs no statistic."""
+    return magnitude_prune(weight, sparsity, pattern)

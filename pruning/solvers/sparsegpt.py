@@ -15,6 +15,7 @@ from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from shears.pruning.methods import SparseGPTOptions
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
 
@@ -168,6 +169,32 @@ def _prune_block(
     block.masked_fill_(mask, 0.0)
     if end < work.shape[0]:  # one big update of every later column
         work[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
+
+
+def prepare(statistic: Tensor, options: SparseGPTOptions, device: torch.device) -> PreparedHessian:
+    """METHODS["sparsegpt"]: one factorisation per input that several layers share."""
+    return prepare_hessian(statistic, options.damp, device)
+
+
+def solve(
+    weight: Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    statistic: Tensor,
+    options: SparseGPTOptions,
+    prepared: PreparedHessian | None,
+) -> Tensor:
+    """METHODS["sparsegpt"]: the statistic is the layer's Hessian."""
+    return sparsegpt_prune(
+        weight,
+        statistic,
+        sparsity,
+        pattern,
+        block_size=options.block_size,
+        damp=options.damp,
+        prepared=prepared,
+        refine_iterations=options.refine_iterations,
+    )
 
 
 @torch.no_grad()

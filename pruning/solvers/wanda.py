@@ -30,3 +30,10 @@ def wanda_prune(weight: Tensor, input_sq_norm: Tensor, sparsity: float, pattern:
     check_solver_args(weight, sparsity, pattern)
     scores = wanda_scores(weight, input_sq_norm)
     return apply_mask(weight.detach(), prune_mask(scores, sparsity, pattern, per_row=True))
+
+
+def solve(
+    weight: Tensor, sparsity: float, pattern: Pattern, statistic: Tensor, options: None, prepared: None
+) -> Tensor:
+    """METHODS["wanda"]: the statistic is the layer's squared input norms."""
+    return wanda_prune(weight, statistic, sparsity, pattern)

@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from shears.errors import InvalidRequest
 from shears.pattern import Pattern
 from shears.pruning.masks import satisfies_pattern
+from shears.pruning.methods import METHODS
 from shears.pruning.solvers import layer_error, magnitude_prune, solve, sparsegpt_prune, wanda_prune
 from shears.pruning.solvers.sparsegpt import inverse_hessian_factor
 from shears.pruning.stats import HessianAccumulator, InputNormAccumulator
 
 ROWS, COLS, TOKENS = 64, 256, 1024
-METHODS = ["magnitude", "wanda", "sparsegpt"]
 CASES = [
     ("unstructured", 0.5),
     ("unstructured", 0.7),
@@ -51,9 +51,8 @@ def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def run(
     method: str, weight: torch.Tensor, hessian: torch.Tensor, sq_norm: torch.Tensor, pattern: str, s: float
 ):
-    return solve(
-        method, weight, sparsity=s, pattern=Pattern.parse(pattern), hessian=hessian, input_sq_norm=sq_norm
-    )
+    statistic = {"hessian": hessian, "norms": sq_norm, "none": None}[METHODS[method].statistic]
+    return solve(method, weight, sparsity=s, pattern=Pattern.parse(pattern), statistic=statistic)
 
 
 def expected_zeros(shape: tuple[int, int], pattern: Pattern, sparsity: float, method: str = "") -> int:
@@ -290,7 +289,7 @@ def test_argument_errors(layer) -> None:
         sparsegpt_prune(weight, hessian[:10, :10], 0.5, Pattern())
     with pytest.raises(ValueError, match="unknown pruning method"):
         solve("obs", weight, sparsity=0.5, pattern=Pattern())
-    with pytest.raises(ValueError, match="needs hessian"):
+    with pytest.raises(ValueError, match="sparsegpt needs the layer's input statistic 'hessian'"):
         solve("sparsegpt", weight, sparsity=0.5, pattern=Pattern())
-    with pytest.raises(ValueError, match="needs input_sq_norm"):
+    with pytest.raises(ValueError, match="wanda needs the layer's input statistic 'norms'"):
         solve("wanda", weight, sparsity=0.5, pattern=Pattern())

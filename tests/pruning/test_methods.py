@@ -1,0 +1,84 @@
+"""METHODS is the one list of pruning methods: the request schema, the CLI and the solvers follow it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from shears.cli import build_parser
+from shears.pattern import Pattern
+from shears.pruning.cli_prune import _request_from_args
+from shears.pruning.config import PruneRequest
+from shears.pruning.methods import METHODS, method_named
+from shears.pruning.stats import ACCUMULATORS
+
+SOLVER_ARGS = ["weight", "sparsity", "pattern", "statistic", "options", "prepared"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_entry_is_complete(name: str) -> None:
+    entry = METHODS[name]
+    assert entry.name == name and entry.summary
+    assert entry.statistic == "none" or entry.statistic in ACCUMULATORS
+    module = entry.module()
+    assert list(inspect.signature(module.solve).parameters) == SOLVER_ARGS
+    if hasattr(module, "prepare"):
+        assert len(inspect.signature(module.prepare).parameters) == 3  # (statistic, options, device)
+    # An options block is a request field named after its method: it must not shadow another field.
+    if entry.options is not None:
+        assert PruneRequest.model_fields[name].annotation is entry.options
+
+
+def test_request_schema_lists_the_registry() -> None:
+    schema = PruneRequest.model_json_schema()
+    assert schema["properties"]["method"]["enum"] == list(METHODS)
+    for name, entry in METHODS.items():
+        assert name in schema["properties"]["method"]["description"]
+        assert (name in schema["properties"]) == (entry.options is not None)
+
+
+def test_request_json_stays_compatible() -> None:
+    """Requests written before the registry still parse and mean the same."""
+    request = PruneRequest.model_validate_json(
+        '{"model": "m", "method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4",'
+        ' "sparsegpt": {"block_size": 64, "damp": 0.02, "refine_iterations": 0}}'
+    )
+    assert request.method_options == METHODS["sparsegpt"].options(
+        block_size=64, damp=0.02, refine_iterations=0
+    )
+    assert request.pattern == Pattern(2, 4)
+    assert PruneRequest(model="m", method="wanda", sparsity=0.5).method_options is None
+    with pytest.raises(ValidationError, match="'sparsegpt', 'wanda' or 'magnitude'"):
+        PruneRequest(model="m", method="obs", sparsity=0.5)
+    with pytest.raises(ValidationError, match="extra"):
+        PruneRequest(model="m", method="sparsegpt", sparsity=0.5, sparsegpt={"dampening": 0.1})
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'; expected one of sparsegpt"):
+        method_named("obs")
+
+
+def _parse(*argv: str):
+    return _request_from_args(build_parser().parse_args(["prune", "m", "--out", "o", *argv]))
+
+
+def test_cli_flags_come_from_the_options_models() -> None:
+    request = _parse(
+        "--method", "sparsegpt", "--sparsity", "0.5", "--refine-iterations", "0", "--damp", "0.1"
+    )
+    assert request.sparsegpt == METHODS["sparsegpt"].options(refine_iterations=0, damp=0.1)
+    with pytest.raises(ValueError, match="--refine-iterations: not an option of method wanda"):
+        _parse("--method", "wanda", "--sparsity", "0.5", "--refine-iterations", "0")
+    with pytest.raises(SystemExit):
+        _parse("--method", "obs", "--sparsity", "0.5")
+
+
+def test_solve_through_the_entry_needs_its_statistic() -> None:
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    for name, entry in METHODS.items():
+        if entry.statistic == "none":
+            assert int((entry.solve(weight, 0.5, Pattern()) == 0).sum()) == 64
+        else:
+            with pytest.raises(ValueError, match=f"{name} needs the layer's input statistic"):
+                entry.solve(weight, 0.5, Pattern())
