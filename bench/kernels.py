@@ -113,7 +113,7 @@ def decode_model(name: str, layers: int | None, folder: Path, device: str = "cud
     model.save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
-    pack_folder(folder, "2:4", names)
+    pack_folder(folder, (2, 4), names)
     return folder
 
 

@@ -16,14 +16,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shears.kernels.configs import BITMASK_CHUNK, KernelConfig, candidate_configs
+from shears.kernels.configs import KernelConfig, candidate_configs
+from shears.kernels.registry import FORMATS, format_of
 
 _TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    layout: str  # "nm" or "bitmask"
+    layout: str  # a key of registry.FORMATS
     dtype: str  # torch dtype name
     config: KernelConfig
     n: int = 2
@@ -31,20 +32,9 @@ class Variant:
 
 
 def _signature(variant: Variant) -> tuple[object, dict[str, str], dict[str, object]]:
-    from shears.kernels import triton_bitmask, triton_nm
-    from shears.kernels.formats import index_bits
-
     cfg, ty = variant.config, _TYPES[variant.dtype]
-    if variant.layout == "nm":
-        kernel = triton_nm._nm_gemv_kernel if cfg.gemv else triton_nm._nm_gemm_kernel
-        pointers = {"x_ptr": f"*{ty}", "vals_ptr": f"*{ty}", "meta_ptr": "*i16"}
-        ints = ["N", "K", "values_per_row", "words_per_row", "stride_xm", "stride_v", "stride_meta"]
-        constants: dict[str, object] = dict(NKEEP=variant.n, GROUP=variant.m, BITS=index_bits(variant.m))
-    else:
-        kernel = triton_bitmask._bitmask_gemv_kernel if cfg.gemv else triton_bitmask._bitmask_gemm_kernel
-        pointers = {"x_ptr": f"*{ty}", "bits_ptr": "*u8", "vals_ptr": f"*{ty}", "chunk_ptr": "*i32"}
-        ints = ["N", "K", "bytes_per_row", "chunks_per_row", "stride_xm", "stride_b", "stride_c"]
-        constants = dict(CHUNK=BITMASK_CHUNK)
+    module = format_of(variant.layout).kernel_module()
+    kernel, pointers, ints, constants = module.aot_signature(cfg, ty, variant.n, variant.m)
     pointers |= {"out_ptr": f"*{ty}", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     ints += ["plane", "tiles_per_split", "splits"]
     if not cfg.gemv:
@@ -101,11 +91,11 @@ QUICK = [
 def variants(all_configs: bool) -> list[Variant]:
     shapes = [(4096, 4096), (14336, 4096)] if all_configs else [(4096, 4096)]
     found: list[Variant] = []
-    for layout in ("nm", "bitmask"):
+    for layout, record in FORMATS.items():
         for dtype in ("bfloat16", "float16") if all_configs else ("bfloat16",):
             for n, k in shapes:
                 for m in (1, 16, 512):
-                    configs = candidate_configs(n, k, m, layout)
+                    configs = candidate_configs(n, k, m, record.launches)
                     for config in configs if all_configs else configs[:1]:
                         variant = Variant(layout, dtype, config)
                         if variant not in found:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from shears.kernels.configs import BITMASK_CHUNK, KernelConfig
 from shears.kernels.dispatch import Dispatcher, PackedOperand, triton_status
-from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack
-from shears.kernels.selection import MANIFEST, as_nm, guess_pattern, pattern_text, select_for_packing
+from shears.kernels.formats import PackedBitmask, PackedWeight
+from shears.kernels.registry import format_of, pack
+from shears.kernels.selection import MANIFEST, guess_pattern, pattern_text, select_for_packing
 from shears.kernels.sparse_file import (
     atomic_write_text,
     dense_tensor_files,
@@ -88,7 +89,7 @@ def memory_bytes(packed: PackedWeight) -> int:
 def _size_row(name: str, entry: dict[str, Any], packed_bytes: int, memory: int) -> dict[str, Any]:
     rows, cols = entry["shape"]
     dense = rows * cols * getattr(torch, entry["dtype"]).itemsize
-    pattern = f"{entry['n']}:{entry['m']}" if entry["layout"] == "nm" else "unstructured"
+    pattern = pattern_text(entry["n"], entry["m"])
     return {
         "name": name,
         "shape": [rows, cols],
@@ -103,20 +104,18 @@ def _size_row(name: str, entry: dict[str, Any], packed_bytes: int, memory: int) 
 
 
 def load_or_pack(
-    folder: Path, pattern: Any = None, names: list[str] | None = None
+    folder: Path, pattern: tuple[int, int] | None = None, names: list[str] | None = None
 ) -> tuple[dict[str, PackedWeight], str]:
     """The folder's packed weights: from sparse*.safetensors, else packed in memory: `names` with
-    `pattern` if given, else what its manifest names, else what fits `pattern` (or a guessed one)."""
+    `pattern` (n, m) if given, else what its manifest names, else what fits `pattern` (or a guessed one)."""
     if sparse_files(folder):
         return read_packed(folder), "file"
     if names is None or pattern is None:
         if pattern is None and not (Path(folder) / MANIFEST).exists():
             pattern, names = guess_pattern(folder)
         else:
-            pattern, names = select_for_packing(
-                folder, None if pattern is None else pattern_text(*as_nm(pattern))
-            )
-    n, m = as_nm(pattern)
+            pattern, names = select_for_packing(folder, pattern)
+    n, m = pattern
     from safetensors import safe_open
 
     packed: dict[str, PackedWeight] = {}
@@ -156,9 +155,7 @@ def size_report(folder: Path, packed: dict[str, PackedWeight], source: str) -> d
 
 
 def _family(packed: PackedWeight) -> tuple:
-    if isinstance(packed, PackedNM):
-        return ("nm", packed.pattern, *packed.shape, str(packed.dtype))
-    return ("bitmask", round(packed.density, 1), *packed.shape, str(packed.dtype))
+    return (packed.layout, packed.detail, *packed.shape, str(packed.dtype))
 
 
 def distinct_shapes(packed: dict[str, PackedWeight]) -> list[tuple[str, PackedWeight]]:
@@ -174,7 +171,7 @@ def kernel_rows(
 ) -> list[dict[str, Any]]:
     """Timings (us) of every candidate for `packed` (on a CUDA device) at each M, with speedups over dense."""
     from shears.kernels.dispatch import _run_triton
-    from shears.kernels.selfcheck import tolerance
+    from shears.kernels.reference import tolerance
 
     op = PackedOperand(packed)
     rows, cols = packed.shape
@@ -226,8 +223,7 @@ def _config_from_label(label: str, m: int, packed: PackedWeight) -> KernelConfig
 
     rows, cols = packed.shape
     sms = torch.cuda.get_device_properties(packed.device).multi_processor_count
-    pattern = (packed.n, packed.m) if isinstance(packed, PackedNM) else (0, 0)
-    for config in candidate_configs(rows, cols, m, packed.layout, sms, pattern):
+    for config in candidate_configs(rows, cols, m, format_of(packed).launches, sms, packed.nm):
         if f"triton:{config}" == label:
             return config
     raise KeyError(label)
@@ -237,15 +233,15 @@ def run_benchmark(
     folder: Path,
     reporter: Any = None,
     *,
-    pattern: Any = None,
+    pattern: tuple[int, int] | None = None,
     names: list[str] | None = None,
     m_values: tuple[int, ...] = M_VALUES,
     decode_tokens: int = 64,
 ) -> dict[str, Any]:
     """Benchmark the folder's packed weights; write bench.json and bench.png into it; return the result.
 
-    Without sparse*.safetensors the weights are packed in memory: `names` with `pattern` (the engine
-    knows both), else as the manifest says, else the pattern is guessed from the weights.
+    Without sparse*.safetensors the weights are packed in memory: `names` with `pattern` (n, m) (the
+    engine knows both), else as the manifest says, else the pattern is guessed from the weights.
     """
     folder = Path(folder)
     _emit(reporter, "log", "benchmarking packed weights")

@@ -56,11 +56,12 @@ def _fail(exc: Exception) -> int:
 
 def _pack(args: argparse.Namespace) -> int:
     from shears.kernels.errors import PackedFormatError
-    from shears.kernels.selection import select_for_packing
+    from shears.kernels.selection import as_nm, pattern_text, select_for_packing
     from shears.kernels.sparse_file import pack_folder
 
     try:
-        pattern, names = select_for_packing(args.folder, args.pattern)
+        asked = as_nm(args.pattern) if args.pattern is not None else None
+        pattern, names = select_for_packing(args.folder, asked)
         update, close = _bar("packing")
         try:
             files = pack_folder(
@@ -71,7 +72,7 @@ def _pack(args: argparse.Namespace) -> int:
     except (PackedFormatError, FileNotFoundError) as exc:
         return _fail(exc)
     _record_in_manifest(args.folder, files)
-    print(f"packed {len(names)} tensors ({pattern}) into {', '.join(files)}")
+    print(f"packed {len(names)} tensors ({pattern_text(*pattern)}) into {', '.join(files)}")
     return 0
 
 

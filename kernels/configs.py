@@ -7,10 +7,17 @@ import here: the dispatcher and the benchmark read configs on machines without t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 M_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
 BITMASK_CHUNK = 128  # columns per in-memory value offset of the bitmask kernels; BLOCK_K is a multiple
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1, read when triton loads)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def m_bucket(m: int) -> int:
@@ -59,39 +66,67 @@ def _split_for(n: int, k: int, block_n: int, block_k: int, programs_wanted: int)
     return split
 
 
-def interpreter_config(m: int, layout: str) -> KernelConfig:
-    """Small blocks for TRITON_INTERPRET (CPU): correctness, not speed; split-K 2 exercises the reduction."""
-    block_k = BITMASK_CHUNK if layout == "bitmask" else 64
-    return KernelConfig(1 if m == 1 else 16, 16, block_k, split_k=2)
+@dataclass(frozen=True)
+class Launches:
+    """The launches one packed layout's kernels are tuned over (formats registry: Format.launches).
+
+    Tables of (block_n, block_k, num_warps) for the decode GEMV (M = 1) and tl.dot (M <= 16)
+    kernels and (block_m, block_n, block_k, num_warps, num_stages) for prefill; each compiles for
+    sm_90 without register spills (checked with `python -m shears.kernels.aot_check --all`, which
+    reports registers and stack). `fits(config, (n, m))` says whether a launch tiles the layout;
+    `interpreter_block_k` is the block_k used under TRITON_INTERPRET.
+    """
+
+    decode_gemv: tuple[tuple[int, int, int], ...]
+    decode_dot: tuple[tuple[int, int, int], ...]
+    prefill: tuple[tuple[int, int, int, int, int], ...]
+    fits: Callable[[KernelConfig, tuple[int, int]], bool]
+    interpreter_block_k: int
 
 
-# (block_n, block_k, num_warps[, num_stages]) per layout and kernel; each compiles for sm_90 without
-# register spills (checked with `python -m kernels.aot_check --all`, which reports registers and stack).
-_DECODE_GEMV = {
-    "nm": [(16, 256, 4), (32, 128, 4), (16, 512, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (32, 512, 8)],
-    "bitmask": [(16, 128, 4), (8, 512, 4), (16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8)],
-}
-_DECODE_DOT = {
-    "nm": [(32, 128, 4), (16, 256, 4), (64, 64, 4), (128, 64, 8), (32, 256, 8), (64, 128, 8)],
-    "bitmask": [(16, 128, 4), (32, 128, 8), (16, 256, 4), (32, 128, 4), (64, 128, 8)],
-}
-_PREFILL = {
-    "nm": [(64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4)],
-    "bitmask": [(64, 32, 128, 8, 2), (32, 32, 128, 4, 3)],
-}
-
-
-def fits(config: KernelConfig, layout: str, pattern: tuple[int, int] = (2, 4)) -> bool:
-    """Whether a launch tiles this layout: whole bitmask chunks, or whole N:M groups and metadata words."""
-    if layout == "bitmask":
-        return config.block_k % BITMASK_CHUNK == 0
+def _fits_nm(config: KernelConfig, pattern: tuple[int, int]) -> bool:
+    """Whole N:M groups and whole metadata words per K tile."""
     n, m = pattern
     per_word = 16 // (1 if m == 2 else 2 if m <= 4 else 4)
     return config.block_k % m == 0 and (config.block_k // m * n) % per_word == 0 and config.block_k >= 16
 
 
+def _fits_bitmask(config: KernelConfig, pattern: tuple[int, int]) -> bool:
+    """Whole bitmask chunks per K tile."""
+    return config.block_k % BITMASK_CHUNK == 0
+
+
+NM_LAUNCHES = Launches(
+    decode_gemv=(
+        (16, 256, 4),
+        (32, 128, 4),
+        (16, 512, 4),
+        (32, 256, 4),
+        (64, 128, 4),
+        (64, 256, 8),
+        (32, 512, 8),
+    ),
+    decode_dot=((32, 128, 4), (16, 256, 4), (64, 64, 4), (128, 64, 8), (32, 256, 8), (64, 128, 8)),
+    prefill=((64, 128, 64, 8, 4), (128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 64, 32, 4, 4)),
+    fits=_fits_nm,
+    interpreter_block_k=64,
+)
+BITMASK_LAUNCHES = Launches(
+    decode_gemv=((16, 128, 4), (8, 512, 4), (16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8)),
+    decode_dot=((16, 128, 4), (32, 128, 8), (16, 256, 4), (32, 128, 4), (64, 128, 8)),
+    prefill=((64, 32, 128, 8, 2), (32, 32, 128, 4, 3)),
+    fits=_fits_bitmask,
+    interpreter_block_k=BITMASK_CHUNK,
+)
+
+
+def interpreter_config(m: int, launches: Launches) -> KernelConfig:
+    """Small blocks for TRITON_INTERPRET (CPU): correctness, not speed; split-K 2 exercises the reduction."""
+    return KernelConfig(1 if m == 1 else 16, 16, launches.interpreter_block_k, split_k=2)
+
+
 def candidate_configs(
-    n: int, k: int, m: int, layout: str, sm_count: int = 132, pattern: tuple[int, int] = (2, 4)
+    n: int, k: int, m: int, launches: Launches, sm_count: int = 132, pattern: tuple[int, int] = (2, 4)
 ) -> list[KernelConfig]:
     """The launches worth timing for one (N, K, M) on a GPU with `sm_count` multiprocessors.
 
@@ -104,18 +139,18 @@ def candidate_configs(
     max_split = 1 << max(0, (k // (64 * m)).bit_length() - 1)  # a power of two <= K / (64 M)
     configs: list[KernelConfig] = []
     if m == 1:
-        for block_n, block_k, warps in _DECODE_GEMV[layout]:
+        for block_n, block_k, warps in launches.decode_gemv:
             split = min(max_split, _split_for(n, k, block_n, block_k, wanted))
             configs.append(KernelConfig(1, block_n, block_k, split, warps, 3))
     if m <= 16:
-        for block_n, block_k, warps in _DECODE_DOT[layout]:
+        for block_n, block_k, warps in launches.decode_dot:
             split = min(max_split, _split_for(n, k, block_n, block_k, wanted))
             configs.append(KernelConfig(16, block_n, block_k, split, warps, 3))
     else:
-        for block_m, block_n, block_k, warps, stages in _PREFILL[layout]:
+        for block_m, block_n, block_k, warps, stages in launches.prefill:
             m_blocks = -(-m // block_m)
             split = 1
             if m_blocks * -(-n // block_n) < sm_count:
                 split = min(max_split, _split_for(n, k, block_n, block_k, 2 * sm_count // m_blocks))
             configs.append(KernelConfig(block_m, block_n, block_k, split, warps, stages))
-    return [c for c in configs if fits(c, layout, pattern)]
+    return [c for c in configs if launches.fits(c, pattern)]

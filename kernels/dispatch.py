@@ -16,25 +16,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from shears.kernels.configs import KernelConfig, candidate_configs, interpreter_config, m_bucket
-from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, unpack
-from shears.kernels.reference import packed_matmul_reference
+from shears.kernels.configs import KernelConfig, candidate_configs, interpreter_config, interpreting, m_bucket
+from shears.kernels.formats import PackedWeight
+from shears.kernels.reference import tolerance
+from shears.kernels.registry import FORMATS, format_of, reference_matmul
 
 
 @functools.cache
 def triton_status() -> str | None:
     """None if Shears' Triton kernels can run here, else why not."""
     try:
-        from shears.kernels import triton_bitmask, triton_nm  # noqa: F401
+        for record in FORMATS.values():
+            record.kernel_module()
     except Exception as exc:  # ImportError, or a triton that fails to initialise
         return f"triton unavailable: {exc}"
     return None
-
-
-def interpreting() -> bool:
-    from shears.kernels.triton_common import interpreting as flag
-
-    return triton_status() is None and flag()
 
 
 def semi_structured_supported(device: torch.device) -> bool:
@@ -46,6 +42,7 @@ class PackedOperand:
 
     def __init__(self, packed: PackedWeight):
         self.packed = packed
+        self.format = format_of(packed)
         self._derived: dict[str, torch.Tensor | None] = {}
 
     @property
@@ -55,12 +52,11 @@ class PackedOperand:
     def family(self) -> tuple:
         """Everything the best backend depends on except M."""
         p = self.packed
-        detail = p.pattern if isinstance(p, PackedNM) else f"density{round(p.density * 10)}"
-        return (p.layout, detail, *p.shape, str(p.dtype), str(p.device))
+        return (p.layout, p.detail, *p.shape, str(p.dtype), str(p.device))
 
     def dense(self) -> torch.Tensor:
         if self._derived.get("dense") is None:
-            self._derived["dense"] = unpack(self.packed)
+            self._derived["dense"] = self.format.unpack(self.packed)
         return self._derived["dense"]  # type: ignore[return-value]
 
     def semi(self) -> torch.Tensor | None:
@@ -69,29 +65,27 @@ class PackedOperand:
             self._derived["semi"] = None
             p = self.packed
             if (
-                isinstance(p, PackedNM)
-                and (p.n, p.m) == (2, 4)
+                p.nm == (2, 4)
                 and semi_structured_supported(p.device)
                 and p.dtype in (torch.float16, torch.bfloat16)
             ):
                 try:
                     from torch.sparse import to_sparse_semi_structured
 
-                    self._derived["semi"] = to_sparse_semi_structured(unpack(p))
+                    self._derived["semi"] = to_sparse_semi_structured(self.format.unpack(p))
                 except (RuntimeError, ValueError, NotImplementedError):
                     pass
         return self._derived["semi"]
 
-    def chunk_offsets(self) -> torch.Tensor:
-        if self._derived.get("offsets") is None:
-            from shears.kernels.triton_bitmask import chunk_offsets
-
-            assert isinstance(self.packed, PackedBitmask)
-            self._derived["offsets"] = chunk_offsets(self.packed)
-        return self._derived["offsets"]  # type: ignore[return-value]
+    def kernel_state(self) -> torch.Tensor | None:
+        """What the layout's kernel derives from the weight once (bitmask: chunk offsets), or None."""
+        if "state" not in self._derived:
+            prepare = getattr(self.format.kernel_module(), "prepare", None)
+            self._derived["state"] = prepare(self.packed) if prepare is not None else None
+        return self._derived["state"]
 
     def keep_only(self, backends: set[str]) -> None:
-        """Free derived copies no cached choice uses (the bitmask offsets stay: the kernels need them)."""
+        """Free derived copies no cached choice uses (the kernel state stays: the kernels need it)."""
         for name in ("dense", "semi"):
             if name not in backends and self._derived.get(name) is not None:
                 del self._derived[name]
@@ -165,7 +159,7 @@ class Dispatcher:
             return F.linear(x, op.dense())
         if choice.backend == "semi":
             return F.linear(x, op.semi())
-        return packed_matmul_reference(x, op.packed)
+        return op.format.reference(x, op.packed)
 
     def report(self) -> list[dict]:
         return [{"key": list(key), **choice.as_dict()} for key, choice in self.choices.items()]
@@ -176,10 +170,7 @@ class Dispatcher:
     def _kernel_supported(self, x: torch.Tensor, op: PackedOperand) -> bool:
         if triton_status() is not None or x.dtype != op.packed.dtype:
             return False
-        from shears.kernels import triton_bitmask, triton_nm
-
-        module = triton_nm if isinstance(op.packed, PackedNM) else triton_bitmask
-        return module.supports(op.packed, x.dtype)
+        return op.format.kernel_module().supports(op.packed, x.dtype)
 
     def _fallback(self) -> Choice:
         return Choice("dense" if self.allow_dense else "reference")
@@ -189,12 +180,12 @@ class Dispatcher:
         m = x.shape[0]
         kernel = self._kernel_supported(x, op)
         if x.device.type != "cuda":
-            if kernel and interpreting():
-                return Choice("triton", interpreter_config(m, op.packed.layout))
+            if kernel and interpreting():  # `kernel`: triton loaded, so it runs interpreted
+                return Choice("triton", interpreter_config(m, op.format.launches))
             return self._fallback()
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        pattern = (op.packed.n, op.packed.m) if isinstance(op.packed, PackedNM) else (0, 0)
-        configs = candidate_configs(rows, cols, m, op.packed.layout, sms, pattern) if kernel else []
+        launches = op.format.launches
+        configs = candidate_configs(rows, cols, m, launches, sms, op.packed.nm) if kernel else []
         if not self.measure or torch.cuda.is_current_stream_capturing():
             return Choice("triton", configs[0]) if configs else self._fallback()
         return self._measure(x, op, configs)
@@ -223,10 +214,8 @@ class Dispatcher:
         return Choice("reference", timings=timings, errors=errors)
 
     def _agrees(self, candidate: Choice, x: torch.Tensor, op: PackedOperand, errors: dict[str, str]) -> bool:
-        from shears.kernels.selfcheck import tolerance
-
         got = self.run(candidate, x, op).float()
-        want = packed_matmul_reference(x.float(), op.packed)
+        want = reference_matmul(x.float(), op.packed)
         error = float((got - want).abs().max()) / (float(want.abs().max()) or 1.0)
         if error <= 2 * tolerance(x.dtype):
             return True
@@ -236,13 +225,7 @@ class Dispatcher:
 
 def _run_triton(x: torch.Tensor, op: PackedOperand, config: KernelConfig | None) -> torch.Tensor:
     assert config is not None
-    if isinstance(op.packed, PackedNM):
-        from shears.kernels.triton_nm import nm_matmul
-
-        return nm_matmul(x, op.packed, config)
-    from shears.kernels.triton_bitmask import bitmask_matmul
-
-    return bitmask_matmul(x, op.packed, config, op.chunk_offsets())
+    return op.format.kernel_module().matmul(x, op.packed, config, op.kernel_state())
 
 
 _DEFAULT: Dispatcher | None = None

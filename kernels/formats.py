@@ -21,6 +21,9 @@ Bitmask, for any weight [N, K]:
 -0.0 is a zero: it is never stored in a bitmask and is stored as +0.0 in an N:M slot (kernels and
 vLLM have produced garbage from it), so unpack(pack(w)) == w + 0.0 bit for bit and
 pack(unpack(p)) == p exactly.
+
+The layouts are listed, with their kernels, in registry.FORMATS; the generic pack/unpack/validate
+are there.
 """
 
 from __future__ import annotations
@@ -87,8 +90,24 @@ class PackedNM:
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
 
+    @property
+    def nm(self) -> tuple[int, int]:
+        return self.n, self.m
+
+    @property
+    def detail(self) -> str:
+        """What, beside layout, shape and dtype, decides the fastest kernel: the pattern."""
+        return self.pattern
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "meta": self.metadata}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], n: int, m: int, shape: tuple[int, int]) -> PackedNM:
+        return cls(parts["values"], parts["meta"], n, m, shape)
+
+    def with_values(self, values: torch.Tensor) -> PackedNM:
+        return PackedNM(values, self.metadata, self.n, self.m, self.shape)
 
     def to(self, device: torch.device | str) -> PackedNM:
         return PackedNM(self.values.to(device), self.metadata.to(device), self.n, self.m, self.shape)
@@ -122,12 +141,30 @@ class PackedBitmask:
         return "unstructured"
 
     @property
+    def nm(self) -> tuple[int, int]:
+        return 0, 0
+
+    @property
     def density(self) -> float:
         rows, cols = self.shape
         return self.values.numel() / max(1, rows * cols)
 
+    @property
+    def detail(self) -> str:
+        """What, beside layout, shape and dtype, decides the fastest kernel: the density, in tenths."""
+        return f"density{round(self.density * 10)}"
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"bitmask": self.bitmask, "values": self.values, "row_offsets": self.row_offsets}
+
+    @classmethod
+    def from_parts(
+        cls, parts: dict[str, torch.Tensor], n: int, m: int, shape: tuple[int, int]
+    ) -> PackedBitmask:
+        return cls(parts["bitmask"], parts["values"], parts["row_offsets"], shape)
+
+    def with_values(self, values: torch.Tensor) -> PackedBitmask:
+        return PackedBitmask(self.bitmask, values, self.row_offsets, self.shape)
 
     def to(self, device: torch.device | str) -> PackedBitmask:
         return PackedBitmask(
@@ -387,24 +424,3 @@ def _expect(
         raise PackedFormatError(
             f"{name}.{part}: expected dtype {' or '.join(map(str, dtypes))}; got {t.dtype}"
         )
-
-
-def layout_for(n: int, m: int) -> str:
-    """'nm' where N:M packs cleanly (M <= 16), else 'bitmask' (unstructured or wide groups)."""
-    return "nm" if 0 < n < m <= MAX_GROUP else "bitmask"
-
-
-def pack(dense: torch.Tensor, n: int, m: int, name: str = "tensor") -> PackedWeight:
-    """Pack `dense` in the layout its pattern calls for (n = m = 0: unstructured)."""
-    return pack_nm(dense, n, m, name) if layout_for(n, m) == "nm" else pack_bitmask(dense, name)
-
-
-def unpack(packed: PackedWeight) -> torch.Tensor:
-    return unpack_nm(packed) if isinstance(packed, PackedNM) else unpack_bitmask(packed)
-
-
-def validate(packed: PackedWeight, name: str = "tensor") -> None:
-    if isinstance(packed, PackedNM):
-        validate_nm(packed, name)
-    else:
-        validate_bitmask(packed, name)

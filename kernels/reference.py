@@ -2,14 +2,19 @@
 tested against, and the path the dispatcher takes where no kernel runs (CPU, unsupported patterns).
 
 Each computes y[M, N] = x[M, K] @ W[N, K]^T with W decoded from its packed form, fp32 accumulation,
-output in x's dtype (as the kernels do).
+output in x's dtype (as the kernels do). registry.reference_matmul picks the one of a weight's layout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, bitmask_bits, nm_indices, unpack
+from shears.kernels.formats import PackedBitmask, PackedNM, bitmask_bits, nm_indices
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error a kernel may show against these references: output rounding plus accumulation order."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
 
 def _matmul_fp32(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -32,14 +37,3 @@ def bitmask_matmul_reference(x: torch.Tensor, packed: PackedBitmask) -> torch.Te
     dense = torch.zeros(rows, cols, dtype=packed.dtype, device=packed.device)
     dense[bitmask_bits(packed.bitmask, cols)] = packed.values
     return _matmul_fp32(x, dense)
-
-
-def packed_matmul_reference(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    if isinstance(packed, PackedNM):
-        return nm_matmul_reference(x, packed)
-    return bitmask_matmul_reference(x, packed)
-
-
-def dense_matmul(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """The plain path: unpack once (formats.unpack) and multiply with torch's own matmul."""
-    return torch.nn.functional.linear(x, unpack(packed).to(x.dtype))

@@ -3,6 +3,7 @@
 A Shears folder's manifest.json names the pattern (`request.pattern`) and the pruned layers (`layers`,
 keyed by module name). A folder without one is searched: every 2-D weight of the decoder blocks that
 satisfies the pattern (N:M), or that a bitmask stores in fewer bytes than dense (unstructured).
+Patterns are (n, m) pairs here, (0, 0) for unstructured; text is parsed where it arrives (as_nm).
 """
 
 from __future__ import annotations
@@ -14,36 +15,27 @@ from typing import Any
 
 from shears.kernels.errors import PackedFormatError
 from shears.manifest import MANIFEST
+from shears.pattern import Pattern
 
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Decoder-block weights: model.layers.3.mlp.up_proj.weight, transformer.h.0.attn.c_attn.weight, ...
 BLOCK_WEIGHT = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.(.+\.)?[^.]+\.weight$")
 _NOT_LINEAR = re.compile(r"(norm|embed|ln_\d|layernorm)", re.IGNORECASE)
 
 
-def as_nm(pattern: Any) -> tuple[int, int]:
-    """(n, m) of a pattern: pruning.config.Pattern, anything with .n/.m, '2:4' or 'unstructured' (0, 0)."""
-    if hasattr(pattern, "n") and hasattr(pattern, "m"):
-        n, m = int(pattern.n), int(pattern.m)
-    elif isinstance(pattern, str) and pattern.strip().lower() == "unstructured":
-        n, m = 0, 0
-    elif isinstance(pattern, str) and (match := _NM.match(pattern)):
-        n, m = int(match[1]), int(match[2])
-    else:
-        raise PackedFormatError(
-            f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' (for example '2:4')"
-        )
-    if (n, m) != (0, 0) and not 0 < n < m:
-        raise PackedFormatError(f"pattern {n}:{m}: N:M needs 0 < N < M")
-    return n, m
+def as_nm(text: str) -> tuple[int, int]:
+    """(n, m) of a pattern's text ('2:4'; 'unstructured' is (0, 0)); PackedFormatError if it is neither."""
+    try:
+        return Pattern.parse(text).nm
+    except ValueError as exc:
+        raise PackedFormatError(str(exc)) from None
 
 
 def pattern_text(n: int, m: int) -> str:
     return f"{n}:{m}" if m else "unstructured"
 
 
-def names_from_manifest(folder: Path) -> tuple[str, list[str]] | None:
-    """(pattern, weight names) from manifest.json, or None if the folder has no manifest."""
+def names_from_manifest(folder: Path) -> tuple[tuple[int, int], list[str]] | None:
+    """((n, m), weight names) from manifest.json, or None if the folder has no manifest."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
@@ -55,7 +47,7 @@ def names_from_manifest(folder: Path) -> tuple[str, list[str]] | None:
         raise PackedFormatError(f"{path}: needs request.pattern and layers ({exc!r})") from exc
     if not isinstance(pattern, str) or not isinstance(layers, dict):
         raise PackedFormatError(f"{path}: request.pattern must be a string and layers an object")
-    return pattern, [f"{name}.weight" for name in layers]
+    return as_nm(pattern), [f"{name}.weight" for name in layers]
 
 
 def detect_names(folder: Path, n: int, m: int) -> list[str]:
@@ -91,35 +83,35 @@ def _bitmask_saves(weight: Any) -> bool:
 GUESSES = ((2, 4), (4, 8), (1, 4))
 
 
-def guess_pattern(folder: Path) -> tuple[str, list[str]]:
+def guess_pattern(folder: Path) -> tuple[tuple[int, int], list[str]]:
     """For a folder with neither manifest nor pattern: the first common N:M its block weights fit, else
     unstructured (a weight pruned unstructured fits no N:M by chance)."""
     for n, m in GUESSES:
         names = detect_names(folder, n, m)
         if names:
-            return pattern_text(n, m), names
+            return (n, m), names
     names = detect_names(folder, 0, 0)
     if not names:
         raise PackedFormatError(f"{folder}: no decoder-block weight is sparse enough to pack")
-    return "unstructured", names
+    return (0, 0), names
 
 
-def select_for_packing(folder: Path, pattern: str | None) -> tuple[str, list[str]]:
-    """(pattern, names) to pack: the manifest's when there is one, else the weights that fit `pattern`."""
+def select_for_packing(folder: Path, pattern: tuple[int, int] | None) -> tuple[tuple[int, int], list[str]]:
+    """((n, m), names) to pack: the manifest's when there is one, else the weights that fit `pattern`."""
     from_manifest = names_from_manifest(folder)
     if from_manifest is not None:
         manifest_pattern, names = from_manifest
-        if pattern is not None and as_nm(pattern) != as_nm(manifest_pattern):
+        if pattern is not None and pattern != manifest_pattern:
             raise PackedFormatError(
-                f"{folder}: the manifest says pattern {manifest_pattern}; got --pattern {pattern}"
+                f"{folder}: the manifest says pattern {pattern_text(*manifest_pattern)}; "
+                f"got --pattern {pattern_text(*pattern)}"
             )
         return manifest_pattern, names
     if pattern is None:
         raise PackedFormatError(
             f"{folder} has no {MANIFEST}: say which pattern its weights follow (--pattern 2:4)"
         )
-    n, m = as_nm(pattern)
-    names = detect_names(folder, n, m)
+    names = detect_names(folder, *pattern)
     if not names:
-        raise PackedFormatError(f"{folder}: no decoder-block weight fits pattern {pattern_text(n, m)}")
-    return pattern_text(n, m), names
+        raise PackedFormatError(f"{folder}: no decoder-block weight fits pattern {pattern_text(*pattern)}")
+    return pattern, names

@@ -2,7 +2,7 @@
 
 Runs on the GPU, or on the CPU under TRITON_INTERPRET=1. Kernels decorated without the interpreter
 cannot switch to it, and setting the variable here would turn every later SparseLinear of this process
-into interpreted kernels, so `run_checks_anywhere` runs `python -m kernels.selfcheck` in a child process
+into interpreted kernels, so `run_checks_anywhere` runs `python -m shears.kernels.selfcheck` in a child
 with TRITON_INTERPRET=1 unless this process already has it.
 """
 
@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from shears.kernels.configs import KernelConfig
-from shears.kernels.formats import PackedWeight, pack_bitmask, pack_nm
+from shears.kernels.configs import KernelConfig, interpreting
+from shears.kernels.formats import PackedWeight
+from shears.kernels.reference import tolerance
+from shears.kernels.registry import format_of, reference_matmul
 
 # (name, layout, n, m or density, rows, cols, M, dtype, launch)
 CASES: list[tuple[str, str, int, float, int, int, int, torch.dtype, KernelConfig]] = [
@@ -42,10 +44,11 @@ def sparse_weight(
     dtype: torch.dtype,
     generator: torch.Generator,
 ) -> PackedWeight:
-    """A random weight of that pattern, with an all-zero row and -0.0 entries, packed."""
+    """A random weight of that pattern (n > 0: N:M, else of that density), with an all-zero row and
+    -0.0 entries, packed in `layout`."""
     weight = torch.randn(rows, cols, generator=generator)
-    if layout == "nm":
-        m = int(m_or_density)
+    m = int(m_or_density) if n else 0
+    if n:
         order = torch.rand(rows, cols // m, m, generator=generator).argsort(-1)[..., :n]
         keep = torch.zeros(rows, cols // m, m).scatter_(-1, order, 1.0).bool().view(rows, cols)
     else:
@@ -54,23 +57,12 @@ def sparse_weight(
     weight[0] = 0.0
     weight[-1, : min(8, cols)] = -0.0
     weight = weight.to(dtype)
-    return pack_nm(weight, n, int(m_or_density)) if layout == "nm" else pack_bitmask(weight)
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative error allowed against the fp32 reference: output rounding plus accumulation order."""
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    return format_of(layout).pack(weight, n, m, "weight")
 
 
 def check_kernel(packed: PackedWeight, x: torch.Tensor, config: KernelConfig) -> dict[str, Any]:
-    from shears.kernels import triton_bitmask, triton_nm
-    from shears.kernels.reference import packed_matmul_reference
-
-    if packed.layout == "nm":
-        got = triton_nm.nm_matmul(x, packed, config)
-    else:
-        got = triton_bitmask.bitmask_matmul(x, packed, config)
-    want = packed_matmul_reference(x.float(), packed.to(x.device) if packed.device != x.device else packed)
+    got = format_of(packed).kernel_module().matmul(x, packed, config)
+    want = reference_matmul(x.float(), packed.to(x.device) if packed.device != x.device else packed)
     scale = float(want.abs().max()) or 1.0
     error = float((got.float() - want.float()).abs().max()) / scale
     return {"relative_error": error, "ok": bool(error <= tolerance(x.dtype)) and got.dtype == x.dtype}
@@ -107,7 +99,7 @@ def run_checks_anywhere() -> dict[str, Any]:
 
     if torch.cuda.is_available() and triton_status() is None:
         return {"mode": "gpu", "results": run_checks("cuda")}
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         status = triton_status()
         if status is not None:
             return {"mode": "skipped", "reason": status, "results": []}
@@ -132,7 +124,7 @@ def run_checks_anywhere() -> dict[str, Any]:
 
 
 def main() -> int:
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
     results = run_checks(device)
     print(json.dumps(results))
     return 0 if all(r["ok"] for r in results) else 1

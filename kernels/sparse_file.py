@@ -24,26 +24,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from shears.kernels.errors import PackedFormatError
-from shears.kernels.formats import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    PackedBitmask,
-    PackedNM,
-    PackedWeight,
-    layout_for,
-    pack,
-    unpack,
-    validate,
-)
+from shears.kernels.formats import FORMAT_NAME, FORMAT_VERSION, PackedWeight
+from shears.kernels.registry import FORMATS, format_of, pack, unpack, validate
 from shears.kernels.safetensors_io import dtype_name, read_header, save_deterministic, tensor_bytes
-from shears.kernels.selection import as_nm
 
 SPARSE_FILE = "sparse.safetensors"
 SPARSE_INDEX = "sparse.safetensors.index.json"
 DENSE_INDEX = "model.safetensors.index.json"
 _SHARD = "sparse-{:05d}-of-{:05d}.safetensors"
 _SPARSE_NAME = re.compile(r"^sparse(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
-PARTS = {"nm": ("values", "meta"), "bitmask": ("bitmask", "values", "row_offsets")}
 Progress = Callable[[int, int, str], None]
 
 
@@ -87,7 +76,7 @@ def dense_tensor_files(folder: Path) -> dict[str, Path]:
 
 def pack_folder(
     folder: Path,
-    pattern: Any,
+    pattern: tuple[int, int],
     names: list[str],
     *,
     max_shard_bytes: int = 2 << 30,
@@ -98,11 +87,12 @@ def pack_folder(
 
     Packing runs on `device` (default: the GPU when there is one; the bytes are the same either way).
 
-    `pattern`: pruning.config.Pattern (or "2:4" / "unstructured"). N:M with M <= 16 packs as N:M, anything
-    else as a bitmask. Raises PackedFormatError for a missing, non-2-D or pattern-violating tensor.
+    `pattern`: (n, m), (0, 0) for unstructured; it packs in the first layout of registry.FORMATS that
+    stores it (N:M with M <= 16 as N:M, anything else as a bitmask). Raises PackedFormatError for a
+    missing, non-2-D or pattern-violating tensor.
     """
     folder = Path(folder)
-    n, m = as_nm(pattern)
+    n, m = pattern
     sources = dense_tensor_files(folder)
     ordered = sorted(set(names), key=natural_key)
     missing = [name for name in ordered if name not in sources]
@@ -155,7 +145,7 @@ def _pack_into(
 
 
 def entry_info(packed: PackedWeight) -> dict[str, Any]:
-    n, m = (packed.n, packed.m) if isinstance(packed, PackedNM) else (0, 0)
+    n, m = packed.nm
     return {
         "layout": packed.layout,
         "n": n,
@@ -272,19 +262,18 @@ def _file_entries(path: Path, handle: Any) -> dict[str, dict[str, Any]]:
 
 
 def _entry_parts(path: Path, name: str, entry: Any) -> tuple[str, int, int, tuple[int, int], str]:
-    if not isinstance(entry, dict) or entry.get("layout") not in PARTS:
+    if not isinstance(entry, dict) or entry.get("layout") not in FORMATS:
         raise PackedFormatError(
-            f"{name} in {path.name}: layout must be one of {sorted(PARTS)}; got {entry!r}"
+            f"{name} in {path.name}: layout must be one of {sorted(FORMATS)}; got {entry!r}"
         )
     shape = entry.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
         raise PackedFormatError(f"{name} in {path.name}: shape must be [rows, columns]; got {shape!r}")
-    n, m = entry.get("n"), entry.get("m")
-    if entry["layout"] == "nm" and not (
-        isinstance(n, int) and isinstance(m, int) and layout_for(n, m) == "nm"
-    ):
-        raise PackedFormatError(f"{name} in {path.name}: N:M layout with unusable pattern {n}:{m}")
-    return entry["layout"], n or 0, m or 0, (shape[0], shape[1]), str(entry.get("dtype"))
+    n, m = entry.get("n") or 0, entry.get("m") or 0
+    layout = entry["layout"]
+    if not (isinstance(n, int) and isinstance(m, int) and FORMATS[layout].stores(n, m)):
+        raise PackedFormatError(f"{name} in {path.name}: {layout} layout with unusable pattern {n}:{m}")
+    return layout, n, m, (shape[0], shape[1]), str(entry.get("dtype"))
 
 
 def read_entries(folder: Path) -> dict[str, dict[str, Any]]:
@@ -296,7 +285,7 @@ def read_entries(folder: Path) -> dict[str, dict[str, Any]]:
             for name, entry in _file_entries(path, handle).items():
                 layout = _entry_parts(path, name, entry)[0]
                 nbytes = 0
-                for part in PARTS[layout]:
+                for part in FORMATS[layout].parts:
                     if f"{name}.{part}" not in keys:
                         raise PackedFormatError(f"{name}: {path.name} lacks its '{part}' tensor")
                     t = handle.get_slice(f"{name}.{part}")
@@ -342,8 +331,7 @@ def read_packed(
             claimed = {
                 f"{name}.{part}"
                 for name, e in entries.items()
-                if isinstance(e, dict)
-                for part in PARTS.get(e.get("layout"), ())
+                for part in FORMATS[_entry_parts(path, name, e)[0]].parts
             }
             if keys - claimed:
                 raise PackedFormatError(
@@ -353,16 +341,13 @@ def read_packed(
                 if wanted is not None and name not in wanted:
                     continue
                 layout, n, m, shape, dtype = _entry_parts(path, name, entry)
+                record = format_of(layout)
                 parts = {}
-                for part in PARTS[layout]:
+                for part in record.parts:
                     if f"{name}.{part}" not in keys:
                         raise PackedFormatError(f"{name}: {path.name} lacks its '{part}' tensor")
                     parts[part] = handle.get_tensor(f"{name}.{part}")
-                packed: PackedWeight
-                if layout == "nm":
-                    packed = PackedNM(parts["values"], parts["meta"], n, m, shape)
-                else:
-                    packed = PackedBitmask(parts["bitmask"], parts["values"], parts["row_offsets"], shape)
+                packed = record.assemble(parts, n, m, shape)
                 if str(packed.dtype).removeprefix("torch.") != dtype:
                     raise PackedFormatError(
                         f"{name}.values: dtype {packed.dtype} but the metadata says {dtype}"

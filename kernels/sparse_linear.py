@@ -12,7 +12,8 @@ from torch import nn
 
 from shears.kernels.dispatch import Dispatcher, PackedOperand, default_dispatcher
 from shears.kernels.errors import PackedFormatError
-from shears.kernels.formats import PackedBitmask, PackedNM, PackedWeight, pack, unpack
+from shears.kernels.formats import PackedWeight
+from shears.kernels.registry import format_of, pack
 
 
 class SparseLinear(nn.Module):
@@ -23,8 +24,9 @@ class SparseLinear(nn.Module):
     ):
         super().__init__()
         self.out_features, self.in_features = packed.shape
+        self.format = format_of(packed)
         self.layout = packed.layout
-        self.n, self.m = (packed.n, packed.m) if isinstance(packed, PackedNM) else (0, 0)
+        self.n, self.m = packed.nm
         for name, tensor in packed.tensors().items():
             self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -40,10 +42,8 @@ class SparseLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        shape = (self.out_features, self.in_features)
-        if self.layout == "nm":
-            return PackedNM(self.values, self.meta, self.n, self.m, shape)
-        return PackedBitmask(self.bitmask, self.values, self.row_offsets, shape)
+        parts = {part: getattr(self, part) for part in self.format.parts}
+        return self.format.assemble(parts, self.n, self.m, (self.out_features, self.in_features))
 
     def operand(self) -> PackedOperand:
         if self._operand is None or self._operand.packed.values is not self.values:
@@ -55,7 +55,7 @@ class SparseLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def dense_weight(self) -> torch.Tensor:
-        return unpack(self.packed)
+        return self.format.unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leading = x.shape[:-1]
@@ -68,10 +68,10 @@ class SparseLinear(nn.Module):
         return y.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
-        pattern = f"{self.n}:{self.m}" if self.layout == "nm" else "bitmask"
+        packed = f"{self.n}:{self.m}" if self.m else self.layout
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, packed={pattern}, dtype={self.values.dtype}"
+            f"bias={self.bias is not None}, packed={packed}, dtype={self.values.dtype}"
         )
 
 
@@ -93,18 +93,12 @@ def swap_in_sparse(
                 f"{name}: packed shape {weight.shape} but the model's weight is {tuple(linear.weight.shape)}"
             )
         if weight.dtype != linear.weight.dtype:
-            weight = _cast(weight, linear.weight.dtype)
+            weight = weight.with_values(weight.values.to(linear.weight.dtype))
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SparseLinear(weight, linear.bias, dispatcher))
         swapped.append(name)
     return swapped
-
-
-def _cast(packed: PackedWeight, dtype: torch.dtype) -> PackedWeight:
-    if isinstance(packed, PackedNM):
-        return PackedNM(packed.values.to(dtype), packed.metadata, packed.n, packed.m, packed.shape)
-    return PackedBitmask(packed.bitmask, packed.values.to(dtype), packed.row_offsets, packed.shape)
 
 
 def load_packed_model(

@@ -15,12 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from shears.kernels.configs import BITMASK_CHUNK, KernelConfig, split_tiles
+from shears.kernels.configs import BITMASK_CHUNK, KernelConfig, interpreting, split_tiles
 from shears.kernels.formats import PackedBitmask, row_popcounts
 from shears.kernels.triton_common import (
     SUPPORTED_DTYPES,
     accumulate_tile,
-    interpreting,
     output_buffers,
     store_split_k,
     tile_counters,
@@ -280,3 +279,21 @@ def bitmask_matmul(
             **constants,
         )
     return out
+
+
+def aot_signature(
+    config: KernelConfig, ty: str, n: int, m: int
+) -> tuple[object, dict[str, str], list[str], dict[str, object]]:
+    """(kernel, its own pointer types, its own int arguments, its constants) for aot_check."""
+    kernel = _bitmask_gemv_kernel if config.gemv else _bitmask_gemm_kernel
+    pointers = {"x_ptr": f"*{ty}", "bits_ptr": "*u8", "vals_ptr": f"*{ty}", "chunk_ptr": "*i32"}
+    ints = ["N", "K", "bytes_per_row", "chunks_per_row", "stride_xm", "stride_b", "stride_c"]
+    return kernel, pointers, ints, dict(CHUNK=BITMASK_CHUNK)
+
+
+def prepare(packed: PackedBitmask) -> torch.Tensor:
+    """registry.FORMATS["bitmask"]'s per-weight state: the chunk offsets."""
+    return chunk_offsets(packed)
+
+
+matmul = bitmask_matmul  # registry.FORMATS["bitmask"]'s kernel: (x, packed, config, offsets)

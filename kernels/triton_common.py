@@ -8,18 +8,12 @@ would cost a launch plus a round trip, about the whole budget of a 5 us decode G
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:

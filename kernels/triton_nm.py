@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shears.kernels.configs import KernelConfig, split_tiles
+from shears.kernels.configs import KernelConfig, interpreting, split_tiles
 from shears.kernels.formats import (
     PackedNM,
     index_bits,
@@ -26,7 +26,6 @@ from shears.kernels.formats import (
 from shears.kernels.triton_common import (
     SUPPORTED_DTYPES,
     accumulate_tile,
-    interpreting,
     output_buffers,
     store_split_k,
     tile_counters,
@@ -300,3 +299,18 @@ def nm_matmul(x: torch.Tensor, packed: PackedNM, config: KernelConfig) -> torch.
             **constants,
         )
     return out
+
+
+def aot_signature(
+    config: KernelConfig, ty: str, n: int, m: int
+) -> tuple[object, dict[str, str], list[str], dict[str, object]]:
+    """(kernel, its own pointer types, its own int arguments, its constants) for aot_check."""
+    kernel = _nm_gemv_kernel if config.gemv else _nm_gemm_kernel
+    pointers = {"x_ptr": f"*{ty}", "vals_ptr": f"*{ty}", "meta_ptr": "*i16"}
+    ints = ["N", "K", "values_per_row", "words_per_row", "stride_xm", "stride_v", "stride_meta"]
+    return kernel, pointers, ints, dict(NKEEP=n, GROUP=m, BITS=index_bits(m))
+
+
+def matmul(x: torch.Tensor, packed: PackedNM, config: KernelConfig, state: None = None) -> torch.Tensor:
+    """registry.FORMATS["nm"]'s kernel (it derives nothing from a weight ahead of time)."""
+    return nm_matmul(x, packed, config)

@@ -140,7 +140,7 @@ class _Job:
             if "packed" in request.formats:
                 from shears.kernels.sparse_file import pack_folder
 
-                packed = pack_folder(self.work, request.pattern, pruned_names)
+                packed = pack_folder(self.work, request.pattern.nm, pruned_names)
         with self.clock.phase("verifying"):
             verify_output(self.work, layers, request.pattern)
         benchmark = None
@@ -149,7 +149,7 @@ class _Job:
                 from shears.kernels.bench import run_benchmark
 
                 benchmark = run_benchmark(
-                    self.work, self.reporter, pattern=request.pattern, names=pruned_names
+                    self.work, self.reporter, pattern=request.pattern.nm, names=pruned_names
                 )
         manifest = write_manifest(
             self.work,

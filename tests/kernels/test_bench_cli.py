@@ -32,7 +32,7 @@ def bf16_folder(pruned_24_bf16: tuple[Path, list[str]], tmp_path: Path) -> tuple
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
 def test_run_benchmark_without_gpu_reports_sizes(bf16_folder: tuple[Path, list[str]]) -> None:
     folder, names = bf16_folder
-    pack_folder(folder, "2:4", names)
+    pack_folder(folder, (2, 4), names)
     events = []
     result = run_benchmark(folder, events.append)
     assert result["device"]["gpu"] is False and "no CUDA GPU" in result["message"]
@@ -117,7 +117,7 @@ def test_bench_without_manifest_guesses_or_takes_the_pattern(
     guessed = run_benchmark(folder)["sizes"]
     assert guessed["source"] == "memory" and len(guessed["layers"]) == len(names)
     assert {r["pattern"] for r in guessed["layers"]} == {"2:4"}
-    told = run_benchmark(folder, pattern="2:4", names=sorted(names)[:3])["sizes"]
+    told = run_benchmark(folder, pattern=(2, 4), names=sorted(names)[:3])["sizes"]
     assert [r["name"] for r in told["layers"]] == sorted(names)[:3]
 
 

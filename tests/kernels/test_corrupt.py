@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shears.kernels.errors import PackedFormatError
-from shears.kernels.formats import PackedBitmask, PackedNM, pack_bitmask, pack_nm, validate
+from shears.kernels.formats import PackedBitmask, PackedNM, pack_bitmask, pack_nm
+from shears.kernels.registry import validate
 from shears.kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
 
 
@@ -99,7 +100,7 @@ def packed_folder(tmp_path: Path) -> Path:
         {"layers.0.w.weight": nm_weight(), "layers.0.v.weight": nm_weight()},
         str(tmp_path / "model.safetensors"),
     )
-    pack_folder(tmp_path, "2:4", ["layers.0.w.weight", "layers.0.v.weight"])
+    pack_folder(tmp_path, (2, 4), ["layers.0.w.weight", "layers.0.v.weight"])
     return tmp_path
 
 
@@ -182,9 +183,9 @@ def test_index_naming_a_missing_shard(packed_folder: Path) -> None:
 def test_pack_folder_refuses_missing_or_unfit_tensors(tmp_path: Path) -> None:
     save_file({"layers.0.w.weight": torch.ones(4, 8)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(PackedFormatError, match=r"layers\.1\.w\.weight: not found"):
-        pack_folder(tmp_path, "2:4", ["layers.1.w.weight"])
+        pack_folder(tmp_path, (2, 4), ["layers.1.w.weight"])
     with pytest.raises(
         PackedFormatError, match=r"layers\.0\.w\.weight: row 0, columns 0\.\.3 hold 4 non-zeros"
     ):
-        pack_folder(tmp_path, "2:4", ["layers.0.w.weight"])
+        pack_folder(tmp_path, (2, 4), ["layers.0.w.weight"])
     assert not (tmp_path / SPARSE_FILE).exists()

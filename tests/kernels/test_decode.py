@@ -26,7 +26,7 @@ def test_decode_comparison_packed_vs_dense(pruned_24: tuple[Path, list[str]], tm
     source, names = pruned_24
     folder = tmp_path / "packed"
     shutil.copytree(source, folder)
-    pack_folder(folder, "2:4", names)
+    pack_folder(folder, (2, 4), names)
     result = decode_comparison(folder, device="cpu", dtype=torch.float32, new_tokens=2, prompt_tokens=4)
     assert result["tokens_agree"] == 1.0 and result["first_step_max_abs_logit_diff"] < 1e-4
     assert result["packed_weight_bytes"] < result["dense_weight_bytes"]

@@ -12,15 +12,13 @@ from shears.kernels.formats import (
     PackedNM,
     index_bits,
     nm_indices,
-    pack,
     pack_bitmask,
     pack_nm,
     satisfies_nm,
-    unpack,
     unpack_bitmask,
     unpack_nm,
-    validate,
 )
+from shears.kernels.registry import pack, unpack, validate
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 3), (4, 8), (1, 8), (3, 8), (5, 7), (8, 16), (1, 16), (2, 5)]

@@ -7,16 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from shears.kernels import triton_common
-from shears.kernels.configs import KernelConfig, candidate_configs, fits, m_bucket, split_tiles
-from shears.kernels.dispatch import Dispatcher, PackedOperand, interpreting
-from shears.kernels.formats import pack_bitmask, pack_nm, unpack
-from shears.kernels.reference import bitmask_matmul_reference, nm_matmul_reference, packed_matmul_reference
+from shears.kernels.configs import KernelConfig, candidate_configs, interpreting, m_bucket, split_tiles
+from shears.kernels.dispatch import Dispatcher, PackedOperand, triton_status
+from shears.kernels.formats import pack_bitmask, pack_nm
+from shears.kernels.reference import bitmask_matmul_reference, nm_matmul_reference
+from shears.kernels.registry import FORMATS, reference_matmul, unpack
 from shears.kernels.selfcheck import CASES, check_kernel, run_checks, sparse_weight, tolerance
 from shears.kernels.triton_bitmask import bitmask_matmul, chunk_offsets
 from shears.kernels.triton_nm import nm_matmul
 
 
 def test_interpreter_is_on() -> None:
+    assert triton_status() is None, triton_status()
     assert interpreting(), "tests/kernels/conftest.py must set TRITON_INTERPRET=1 before triton kernels load"
 
 
@@ -110,7 +112,7 @@ def test_references_agree_with_dense_matmul() -> None:
         sparse_weight("bitmask", 0, 0.3, 6, 40, torch.float64, g),
     ):
         x = torch.randn(5, 40, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(packed_matmul_reference(x, packed), F.linear(x, unpack(packed)))
+        torch.testing.assert_close(reference_matmul(x, packed), F.linear(x, unpack(packed)))
 
 
 def test_dispatcher_on_cpu() -> None:
@@ -120,7 +122,7 @@ def test_dispatcher_on_cpu() -> None:
     dispatcher = Dispatcher()
     y = dispatcher.matmul(x, supported)
     assert dispatcher.choose(x, supported).backend == "triton"  # the interpreter runs the kernel on the CPU
-    torch.testing.assert_close(y, packed_matmul_reference(x, supported.packed), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, reference_matmul(x, supported.packed), rtol=1e-5, atol=1e-5)
     odd = PackedOperand(sparse_weight("nm", 3, 8, 16, 64, torch.float32, g))  # no kernel for 3:8
     assert dispatcher.choose(x, odd).backend == "dense"
     lean = Dispatcher(allow_dense=False)
@@ -131,21 +133,20 @@ def test_dispatcher_on_cpu() -> None:
 
 def test_candidate_configs_fit_their_shapes() -> None:
     assert [m_bucket(m) for m in (1, 2, 5, 16, 17, 300, 10_000)] == [1, 4, 16, 16, 64, 1024, 4096]
-    for layout in ("nm", "bitmask"):
+    for layout, record in FORMATS.items():
         for m in (1, 4, 16, 64, 512, 2048):
             for pattern in [(2, 4), (1, 4), (4, 8), (1, 16)] if layout == "nm" else [(0, 0)]:
-                configs = candidate_configs(4096, 14336, m, layout, 132, pattern)
+                configs = candidate_configs(4096, 14336, m, record.launches, 132, pattern)
                 assert configs and len(set(configs)) == len(configs)
                 assert all(c.gemv == (c.block_m == 1) for c in configs)
                 assert all(m == 1 or not c.gemv for c in configs)  # the GEMV kernel re-reads W per row
-                assert all(fits(c, layout, pattern) for c in configs)
+                assert all(record.launches.fits(c, pattern) for c in configs)
                 assert all(
                     c.split_k == 1 or c.split_k * m <= 14336 // 64 for c in configs
                 )  # partial sums stay small
-    assert not fits(KernelConfig(16, 16, 32, 1), "nm", (1, 16)) and fits(
-        KernelConfig(16, 16, 64), "nm", (1, 16)
-    )
-    assert not fits(KernelConfig(16, 16, 64), "bitmask")
+    nm, bitmask = FORMATS["nm"].launches, FORMATS["bitmask"].launches
+    assert not nm.fits(KernelConfig(16, 16, 32, 1), (1, 16)) and nm.fits(KernelConfig(16, 16, 64), (1, 16))
+    assert not bitmask.fits(KernelConfig(16, 16, 64), (0, 0))
 
 
 def test_run_checks_all_pass() -> None:

@@ -47,11 +47,11 @@ def test_pack_unpack_round_trip_is_bit_exact(
     source, names = request.getfixturevalue(fixture)
     folder = tmp_path / "packed"
     shutil.copytree(source, folder)
-    pattern = "2:4" if fixture == "pruned_24" else "unstructured"
+    pattern = (2, 4) if fixture == "pruned_24" else (0, 0)
     assert pack_folder(folder, pattern, names) == [SPARSE_FILE]
     packed = read_packed(folder)
     assert sorted(packed) == sorted(names) and len(names) == 14  # 7 linears x 2 blocks
-    kind = PackedNM if pattern == "2:4" else PackedBitmask
+    kind = PackedNM if pattern == (2, 4) else PackedBitmask
     assert all(isinstance(p, kind) for p in packed.values())
     report = unpack_folder(folder, tmp_path / "restored")
     assert report["differs_from_dense"] == [] and sorted(report["restored"]) == sorted(names)
@@ -67,7 +67,7 @@ def test_packing_is_deterministic(pruned_24: tuple[Path, list[str]], tmp_path: P
     for copy in ("a", "b"):
         folder = tmp_path / copy
         shutil.copytree(source, folder)
-        pack_folder(folder, "2:4", list(reversed(names)) if copy == "b" else names)
+        pack_folder(folder, (2, 4), list(reversed(names)) if copy == "b" else names)
         digests.append(sha(folder / SPARSE_FILE))
     assert digests[0] == digests[1]
 
@@ -76,9 +76,9 @@ def test_sharded_pack_replaces_single_file(pruned_24: tuple[Path, list[str]], tm
     source, names = pruned_24
     folder = tmp_path / "sharded"
     shutil.copytree(source, folder)
-    pack_folder(folder, "2:4", names)
+    pack_folder(folder, (2, 4), names)
     single = read_packed(folder)
-    files = pack_folder(folder, "2:4", names, max_shard_bytes=20_000)
+    files = pack_folder(folder, (2, 4), names, max_shard_bytes=20_000)
     shards = [f for f in files if f != SPARSE_INDEX]
     assert len(shards) > 2 and files[-1] == SPARSE_INDEX
     assert shards[0] == f"sparse-00001-of-{len(shards):05d}.safetensors"
@@ -95,7 +95,7 @@ def test_sharded_pack_replaces_single_file(pruned_24: tuple[Path, list[str]], tm
         )
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     # and back to one file: the shards and their index are removed
-    assert pack_folder(folder, "2:4", names) == [SPARSE_FILE]
+    assert pack_folder(folder, (2, 4), names) == [SPARSE_FILE]
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("sparse")) == [SPARSE_FILE]
 
 
@@ -105,7 +105,7 @@ def test_bf16_24_packed_bytes_at_most_057_of_dense(
     source, names = pruned_24_bf16
     folder = tmp_path / "bf16"
     shutil.copytree(source, folder)
-    pack_folder(folder, "2:4", names)
+    pack_folder(folder, (2, 4), names)
     entries = read_entries(folder)
     dense = packed = 0
     for entry in entries.values():
@@ -126,7 +126,7 @@ def test_unpack_reports_dense_copies_that_differ(tmp_path: Path) -> None:
     """A -0.0 in a pruned slot packs as +0.0: unpack restores +0.0 and names the tensor."""
     weight = torch.tensor([[1.0, -0.0, 2.0, 0.0], [0.0, 3.0, -0.0, 4.0]])
     save_deterministic({"layers.0.w.weight": weight, "other": torch.ones(2)}, tmp_path / "model.safetensors")
-    pack_folder(tmp_path, "2:4", ["layers.0.w.weight"])
+    pack_folder(tmp_path, (2, 4), ["layers.0.w.weight"])
     report = unpack_folder(tmp_path, tmp_path / "out")
     assert report["differs_from_dense"] == ["layers.0.w.weight"]
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
@@ -138,7 +138,7 @@ def test_unpack_reports_dense_copies_that_differ(tmp_path: Path) -> None:
 def test_unpack_restores_tensors_missing_from_dense_files(tmp_path: Path) -> None:
     weight = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
     save_deterministic({"layers.0.w.weight": weight, "other": torch.ones(2)}, tmp_path / "model.safetensors")
-    pack_folder(tmp_path, "2:4", ["layers.0.w.weight"])
+    pack_folder(tmp_path, (2, 4), ["layers.0.w.weight"])
     save_deterministic({"other": torch.ones(2)}, tmp_path / "model.safetensors")  # the dense copy dropped
     report = unpack_folder(tmp_path, tmp_path / "out")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())

@@ -19,17 +19,15 @@ from tests.kernels.pruned import magnitude_prune
 PROMPT = torch.tensor([[1, 17, 250, 33, 9, 480, 64, 5]])
 
 
-def packed_copy(source: Path, names: list[str], pattern: str, target: Path) -> Path:
+def packed_copy(source: Path, names: list[str], pattern: tuple[int, int], target: Path) -> Path:
     shutil.copytree(source, target)
     pack_folder(target, pattern, names)
     return target
 
 
-@pytest.mark.parametrize(
-    ("fixture", "pattern"), [("pruned_24", "2:4"), ("pruned_unstructured", "unstructured")]
-)
+@pytest.mark.parametrize(("fixture", "pattern"), [("pruned_24", (2, 4)), ("pruned_unstructured", (0, 0))])
 def test_packed_model_matches_dense_logits(
-    fixture: str, pattern: str, request: pytest.FixtureRequest, tmp_path: Path
+    fixture: str, pattern: tuple[int, int], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     source, names = request.getfixturevalue(fixture)
     folder = packed_copy(source, names, pattern, tmp_path / "packed")
@@ -47,7 +45,7 @@ def test_packed_model_matches_dense_logits(
 
 def test_packed_model_generates_the_same_text(pruned_24: tuple[Path, list[str]], tmp_path: Path) -> None:
     source, names = pruned_24
-    folder = packed_copy(source, names, "2:4", tmp_path / "packed")
+    folder = packed_copy(source, names, (2, 4), tmp_path / "packed")
     dense = AutoModelForCausalLM.from_pretrained(source).eval()
     packed = load_packed_model(folder)
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=2)
