@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from shears.manifest import SAFE_NAME
+from shears.manifest import SAFE_NAME, sha256_file
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _CHUNK = 1 << 20
@@ -195,7 +195,8 @@ class ShearsClient:
             raise ChecksumError(f"the server listed an unsafe file name {name!r}")
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_file() and target.stat().st_size == entry["size"] and _sha256(target) == entry["sha256"]:
+        complete = target.is_file() and target.stat().st_size == entry["size"]
+        if complete and sha256_file(target) == entry["sha256"]:
             if progress:
                 progress(entry["size"])
             return target
@@ -258,14 +259,6 @@ def _error(response: httpx.Response) -> ShearsAPIError:
     except ValueError:
         problem = {"code": "http_error", "detail": response.text[:500]}
     return ShearsAPIError(response.status_code, problem)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sse(lines: Iterator[str]) -> Iterator[tuple[str, int | None, str]]:

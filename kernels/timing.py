@@ -7,7 +7,6 @@ timed as it runs inside a model: memory-bound, reading its weight from HBM.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -40,15 +39,4 @@ def gpu_time_us(
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(samples)
-
-
-def cpu_time_us(fn: Callable[[], object], *, warmup: int = 1, runs: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shears.errors import InvalidRequest, ModelUnavailable, UnsafeWeights
+from shears.manifest import sha256_file
 from shears.pruning.config import EngineOptions
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
@@ -158,7 +159,7 @@ def resolve_model(spec: str, revision: str | None, options: EngineOptions) -> Re
         return ResolvedModel(spec, "builtin", folder, f"sha256:{digest}")
     path = _local_path(spec)
     if path is not None and path.is_file():
-        digest = _sha256(path)
+        digest = sha256_file(path)
         folder, _ = _from_gguf(path, cache_root(options) / f"gguf-{digest[:16]}", digest)
         return ResolvedModel(spec, "gguf", folder, f"sha256:{digest}")
     if path is not None:
@@ -177,14 +178,6 @@ def _package_file(package: str, name: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / name
     return path if path.is_file() else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -212,7 +205,7 @@ def _from_gguf(gguf: Path, target: Path, digest: str | None = None) -> tuple[Pat
         stamp = target / "shears-source.json"
         if stamp.is_file():
             return target, json.loads(stamp.read_text())["sha256"]
-        digest = digest or _sha256(gguf)
+        digest = digest or sha256_file(gguf)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,13 +1,16 @@
-"""A job's output folder: verified against its manifest before the job succeeds, served by manifest name.
+"""A job's output folder: checked against its manifest before the job succeeds, served by manifest name.
 
 Download paths are never joined from a URL: a requested name is looked up in the manifest, and the
 manifest's names were checked here (plain relative names, one folder level at most) when the worker
-verified the folder.
+checked the folder.
+
+Each file is hashed once per job: the engine hashes the weights as it writes the manifest, the worker
+hashes manifest.json (which cannot list its own hash) and the store keeps that entry. Clients verify
+every download against these hashes, so a file damaged later is caught where it lands.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -15,21 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from shears.errors import ShearsError
-from shears.manifest import MANIFEST, SAFE_NAME
+from shears.manifest import MANIFEST, SAFE_NAME, sha256_file
 
 _CHUNK = 1 << 20
 
 
 class ArtifactError(ShearsError):
     code = "internal"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,8 +34,11 @@ def _entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return files
 
 
-def verify_folder(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every manifest file is present with its size and sha256, and nothing else is in the folder."""
+def verify_folder(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every manifest file is present with its size, and nothing else is in the folder; returns the
+    listing entry of manifest.json itself (hashed here, once).
+
+    The weights are not hashed again: the engine hashed them seconds ago, from these bytes."""
     expected: dict[str, dict[str, Any]] = {}
     for entry in _entries(manifest):
         name = entry.get("name")
@@ -62,17 +60,21 @@ def verify_folder(folder: Path, manifest: dict[str, Any]) -> None:
             f"missing {sorted(missing | ({MANIFEST} - found))}"
         )
     for name, entry in expected.items():
-        path = folder / name
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
-            raise ArtifactError(f"artifact {name} does not match its size or sha256 in the manifest")
+        if (folder / name).stat().st_size != entry.get("size"):
+            raise ArtifactError(f"artifact {name} does not match its size in the manifest")
+    return manifest_entry(folder)
 
 
-def listing(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's files plus manifest.json itself (hashed here: it cannot list its own hash)."""
-    files = [{"name": e["name"], "size": e["size"], "sha256": e["sha256"]} for e in _entries(manifest)]
+def manifest_entry(folder: Path) -> dict[str, Any]:
+    """manifest.json's own listing entry (name, size, sha256)."""
     path = folder / MANIFEST
-    files.append({"name": MANIFEST, "size": path.stat().st_size, "sha256": sha256_file(path)})
-    return files
+    return {"name": MANIFEST, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def listing(manifest: dict[str, Any], manifest_file: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's files plus manifest.json itself (`manifest_file`, its entry stored with the job)."""
+    files = [{"name": e["name"], "size": e["size"], "sha256": e["sha256"]} for e in _entries(manifest)]
+    return [*files, {key: manifest_file[key] for key in ("name", "size", "sha256")}]
 
 
 def tar_size(files: list[dict[str, Any]]) -> int:

@@ -69,6 +69,9 @@ class Job(Base):
     model_revision: Mapped[str | None] = mapped_column(String(128))
     artifact_dir: Mapped[str | None] = mapped_column(String(255))
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # manifest.json's listing entry {name, size, sha256}: the manifest cannot hold its own hash, so the
+    # worker hashes it once when the job succeeds (None for jobs stored before this column existed).
+    manifest_file: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

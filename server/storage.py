@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shears.server.artifacts import MANIFEST, ArtifactError
+from shears.manifest import MANIFEST
+from shears.server.artifacts import ArtifactError
 
 _CHUNK = 1 << 20
 
@@ -72,13 +73,12 @@ class RemoteArtifacts:
         self.fs.invalidate_cache()  # another server may have deleted the job since this one listed it
         return bool(self.fs.exists(self._path(job_id, artifact_dir, MANIFEST)))
 
-    def listing(self, job_id: str, artifact_dir: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-        """As `artifacts.listing`: the manifest's files plus manifest.json, hashed from the stored copy."""
-        files = [{"name": e["name"], "size": e["size"], "sha256": e["sha256"]} for e in manifest["files"]]
+    def manifest_entry(self, job_id: str, artifact_dir: str) -> dict[str, Any]:
+        """The stored manifest.json's listing entry, hashed from the stored copy (jobs that finished
+        before the store kept this entry)."""
         data = self.fs.cat_file(self._path(job_id, artifact_dir, MANIFEST))
         json.loads(data)  # a damaged manifest copy fails here, not in a client
-        files.append({"name": MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        return files
+        return {"name": MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def read(
         self, job_id: str, artifact_dir: str, name: str, start: int = 0, length: int | None = None
@@ -103,7 +103,3 @@ class RemoteArtifacts:
                 self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
-
-
-def remote_artifacts(url: str | None, options: dict[str, Any] | None = None) -> RemoteArtifacts | None:
-    return RemoteArtifacts(url, options) if url else None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, text, update
@@ -374,13 +374,6 @@ class Store:
         with self._read() as session:
             return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)))
 
-    def expired_jobs(self, now: datetime | None = None) -> list[Job]:
-        now = now or utcnow()
-        with self._read() as session:
-            return list(
-                session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now))
-            )
-
     def recover_lost(self, job_id: str, attempt: int, reason: str) -> str | None:
         """The attempt's worker is gone: re-queue the job, or fail it with worker_lost after max_attempts."""
         with self._write() as session:
@@ -421,6 +414,7 @@ class Store:
         error_code: str | None = None,
         error_message: str | None = None,
         manifest: dict[str, Any] | None = None,
+        manifest_file: dict[str, Any] | None = None,
         artifact_dir: str | None = None,
         model_revision: str | None = None,
     ) -> str | None:
@@ -440,6 +434,7 @@ class Store:
             job.lease_expires_at = None
             if status == SUCCEEDED:
                 job.manifest, job.artifact_dir, job.model_revision = manifest, artifact_dir, model_revision
+                job.manifest_file = manifest_file
                 job.phase_started_at = None
                 self._state_event(session, job, SUCCEEDED, "succeeded")
             elif status == FAILED:

@@ -184,8 +184,8 @@ def _run_job(
     from shears.pruning.engine import prune
 
     manifest = prune(request, out_dir, reporter=reporter, options=settings.engine_options())
-    verify_folder(out_dir, manifest)
-    reporter.log("log", "artifacts verified against the manifest")
+    manifest_file = verify_folder(out_dir, manifest)
+    reporter.log("log", "artifacts checked against the manifest")
     artifact_dir = out_dir.relative_to(settings.jobs_dir / job_id).as_posix()
     if storage is not None:
         storage.upload(out_dir, job_id, artifact_dir, manifest)
@@ -197,6 +197,7 @@ def _run_job(
         attempt,
         SUCCEEDED,
         manifest=json_safe(manifest),
+        manifest_file=manifest_file,
         artifact_dir=artifact_dir,
         model_revision=str(revision)[:128] if revision else None,
     )

@@ -44,10 +44,16 @@ def _storage(request: Request) -> RemoteArtifacts | None:
 
 
 def _listing(job: Job, folder: Path, storage: RemoteArtifacts | None) -> list[dict[str, Any]]:
+    """The files as stored with the job; only a job stored before manifest_file existed has its
+    manifest.json hashed here."""
     assert job.manifest is not None and job.artifact_dir is not None
-    if storage is not None:
-        return storage.listing(job.id, job.artifact_dir, job.manifest)
-    return artifacts.listing(folder, job.manifest)
+    manifest_file = job.manifest_file
+    if manifest_file is None:
+        if storage is not None:
+            manifest_file = storage.manifest_entry(job.id, job.artifact_dir)
+        else:
+            manifest_file = artifacts.manifest_entry(folder)
+    return artifacts.listing(job.manifest, manifest_file)
 
 
 @router.get(

@@ -170,6 +170,18 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     )
     assert cli.returncode == 0, cli.stderr
 
+    # Hashes are taken once per job (the engine's for the weights, the worker's for manifest.json,
+    # stored with the job): a file damaged on the server afterwards still lists its original hash,
+    # and the client's end-to-end check refuses it.
+    stored = next((server.data_dir / "jobs" / job_id).glob("attempt-*/out/model.safetensors"))
+    original = stored.read_bytes()
+    stored.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    assert client.artifacts(job_id)["files"] == listing["files"]
+    with pytest.raises(ChecksumError):
+        client.download_file(job_id, weights, tmp_path / "damaged")
+    assert not (tmp_path / "damaged" / "model.safetensors").exists()
+    stored.write_bytes(original)
+
     # Metrics count it; delete removes the job, its events and its files.
     metrics = client.metrics()
     assert 'shears_jobs{status="succeeded"} 1.0' in metrics

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from shears.client.client import ShearsClient
+from shears.server import artifacts
 from shears.server.ranges import parse_range
 from shears.server.storage import RemoteArtifacts
 from tests.server.conftest import job_request
@@ -52,7 +53,8 @@ def test_storage_upload_ranged_read_and_remove(s3_server, tmp_path: Path) -> Non
     storage = RemoteArtifacts(f"s3://{s3_server.bucket}/unit/", s3_server.options)
     storage.upload(folder, "j1", "attempt-1/out", manifest)
     assert storage.exists("j1", "attempt-1/out") and not storage.exists("j1", "attempt-2/out")
-    listing = {f["name"]: f for f in storage.listing("j1", "attempt-1/out", manifest)}
+    manifest_file = storage.manifest_entry("j1", "attempt-1/out")
+    listing = {f["name"]: f for f in artifacts.listing(manifest, manifest_file)}
     assert listing["manifest.json"]["sha256"] == _sha((folder / "manifest.json").read_bytes())
     whole = b"".join(storage.read("j1", "attempt-1/out", "weights.bin"))
     assert _sha(whole) == listing["weights.bin"]["sha256"]
