@@ -133,6 +133,7 @@ def _solve_layers(
 @torch.inference_mode()
 def collect(
     block: nn.Module,
+    index: int,
     layers: dict[str, nn.Linear],
     kind: str,
     batches: list[Batch],
@@ -146,17 +147,18 @@ def collect(
     """
     stats = InputStats(layers, kind, device)
     with stats:
-        for index, batch in enumerate(batches):
-            out = run_block(block, batch, device)
+        for position, batch in enumerate(batches):
+            out = run_block(block, index, batch, device)
             stats.after_batch()
-            if outputs is not None and index < len(outputs):
-                outputs[index].copy_(out)
+            if outputs is not None and position < len(outputs):
+                outputs[position].copy_(out)
     return stats
 
 
 @torch.inference_mode()
 def prune_block(
     block: nn.Module,
+    index: int,
     layers: dict[str, nn.Linear],
     targets: dict[str, float],
     masters: dict[str, torch.Tensor],
@@ -177,7 +179,7 @@ def prune_block(
     kind = METHODS[request.method].statistic
     if kind == "none" or not batches:
         return _solve_layers(layers, None, targets, masters, request), False
-    stats = collect(block, layers, kind, batches, device, dense_outputs)
+    stats = collect(block, index, layers, kind, batches, device, dense_outputs)
     release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones
     if not request.true_sequential:
         return _solve_layers(layers, stats, targets, masters, request), True
@@ -187,6 +189,6 @@ def prune_block(
     results = _solve_layers({name: layers[name] for name in groups[0]}, stats, targets, masters, request)
     for group in groups[1:]:
         subset = {name: layers[name] for name in group}
-        stats = collect(block, subset, kind, batches, device)
+        stats = collect(block, index, subset, kind, batches, device)
         results += _solve_layers(subset, stats, targets, masters, request)
     return results, True

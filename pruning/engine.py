@@ -108,7 +108,7 @@ class _Job:
             if not eval_ids:  # nothing left to run through the embeddings or the head
                 skeleton.release_outside()
             release_freed_memory()
-        pruned_eval = [Batch(b.hidden.clone(), b.kwargs) for b in dense_eval]
+        pruned_eval = [batch.clone() for batch in dense_eval]
         writer = ShardWriter(
             self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes)
         )
@@ -270,24 +270,26 @@ class _Job:
             block = skeleton.materialize_block(index)
             with torch.inference_mode():
                 for batch in dense_eval:
-                    advance(block, batch, device)
+                    advance(block, index, batch, device)
                 layers = {n: m for n, m in skeleton.linear_layers(index).items() if targets[n] is not None}
                 chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
                 masters = self._masters(skeleton, layers)
                 results, measured = prune_block(
-                    block, layers, chosen, masters, calib, self.request, device, dense_out
+                    block, index, layers, chosen, masters, calib, self.request, device, dense_out
                 )
                 squared_error = squared_norm = 0.0
                 for position, batch in enumerate(calib):
-                    out = run_block(block, batch, device)
+                    out = run_block(block, index, batch, device)
                     if measured and position < sampled:
-                        dense = dense_out[position]
-                        squared_error += float(out.float().sub_(dense).square_().sum())
-                        squared_norm += float(dense.float().square_().sum())
+                        # Out of place: .float() of an fp32 tensor is the tensor itself, and `out`
+                        # becomes the next block's input.
+                        dense = dense_out[position].float()
+                        squared_error += float((out.float() - dense).square().sum())
+                        squared_norm += float(dense.square().sum())
                     batch.hidden.copy_(out)
                     del out
                 for batch in pruned_eval:
-                    advance(block, batch, device)
+                    advance(block, index, batch, device)
             self._write_block(skeleton, index, writer, {n + ".weight": w for n, w in masters.items()})
             skeleton.release_block(index)
             del masters

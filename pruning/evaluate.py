@@ -82,6 +82,6 @@ def perplexity_of_folder(
     for index in range(skeleton.num_blocks):
         block = skeleton.materialize_block(index)
         for batch in hidden:
-            advance(block, batch, device)
+            advance(block, index, batch, device)
         skeleton.release_block(index)
     return finish(skeleton, id_batches, hidden)

@@ -50,12 +50,12 @@ def owl_block_sparsities(skeleton: Skeleton, calib: list[Batch], request: PruneR
     """
     assert request.owl is not None
     device = skeleton.device
-    stream = [Batch(batch.hidden.clone(), batch.kwargs) for batch in calib]
+    stream = [batch.clone() for batch in calib]
     ratios = []
     for index in range(skeleton.num_blocks):
         block = skeleton.materialize_block(index)
         layers = skeleton.linear_layers(index)
-        stats = collect(block, layers, "norms", stream, device, [batch.hidden for batch in stream])
+        stats = collect(block, index, layers, "norms", stream, device, [batch.hidden for batch in stream])
         pairs = []
         for name, layer in layers.items():
             acc = stats.of(name)
