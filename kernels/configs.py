@@ -126,9 +126,17 @@ def interpreter_config(m: int, launches: Launches) -> KernelConfig:
 
 
 def candidate_configs(
-    n: int, k: int, m: int, launches: Launches, sm_count: int = 132, pattern: tuple[int, int] = (2, 4)
+    n: int,
+    k: int,
+    m: int,
+    launches: Launches,
+    sm_count: int = 132,
+    pattern: tuple[int, int] = (2, 4),
+    per_kernel: int | None = None,
 ) -> list[KernelConfig]:
-    """The launches worth timing for one (N, K, M) on a GPU with `sm_count` multiprocessors.
+    """The launches worth timing for one (N, K, M) on a GPU with `sm_count` multiprocessors; with
+    `per_kernel`, only the first that many of each kernel (GEMV, tl.dot): a smaller tuning space
+    where compile time is short (`make gpu-check`).
 
     Decode (M <= 16) is memory-bound: split-K fills the GPU (about 4 programs per SM), capped so the
     fp32 partial sums stay small next to the weight. The GEMV kernel reads the weight once per x row,
@@ -153,4 +161,8 @@ def candidate_configs(
             if m_blocks * -(-n // block_n) < sm_count:
                 split = min(max_split, _split_for(n, k, block_n, block_k, 2 * sm_count // m_blocks))
             configs.append(KernelConfig(block_m, block_n, block_k, split, warps, stages))
-    return [c for c in configs if launches.fits(c, pattern)]
+    configs = [c for c in configs if launches.fits(c, pattern)]
+    if per_kernel is None:
+        return configs
+    gemv, dot = [c for c in configs if c.gemv], [c for c in configs if not c.gemv]
+    return gemv[:per_kernel] + dot[:per_kernel]

@@ -131,9 +131,11 @@ class Dispatcher:
         allow_semi: bool = True,
         warmup: int = 3,
         runs: int = 20,
+        max_configs: int | None = None,
     ):
         self.measure, self.allow_dense, self.allow_semi = measure, allow_dense, allow_semi
         self.warmup, self.runs = warmup, runs
+        self.max_configs = max_configs  # tune over the first N launches of each kernel (None: all)
         self.choices: dict[tuple, Choice] = {}
 
     def matmul(self, x: torch.Tensor, op: PackedOperand) -> torch.Tensor:
@@ -185,7 +187,8 @@ class Dispatcher:
             return self._fallback()
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         launches = op.format.launches
-        configs = candidate_configs(rows, cols, m, launches, sms, op.packed.nm) if kernel else []
+        nm = op.packed.nm
+        configs = candidate_configs(rows, cols, m, launches, sms, nm, self.max_configs) if kernel else []
         if not self.measure or torch.cuda.is_current_stream_capturing():
             return Choice("triton", configs[0]) if configs else self._fallback()
         return self._measure(x, op, configs)

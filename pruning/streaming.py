@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from shears.pruning.skeleton import Skeleton
+if TYPE_CHECKING:  # skeleton needs accelerate; the GPU check runs these functions without it
+    from shears.pruning.skeleton import Skeleton
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 

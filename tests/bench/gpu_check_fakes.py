@@ -1,0 +1,22 @@
+"""Steps that misbehave, for the time-box tests of bench/gpu_check.py (run in its child processes)."""
+
+from __future__ import annotations
+
+import time
+
+from bench.gpu_steps.context import StepContext
+
+
+def hang(ctx: StepContext) -> None:
+    """Records some work, then hangs past any time box (a deadlocked kernel, say)."""
+    ctx.set("before_hang", True)
+    time.sleep(600)
+
+
+def crash(ctx: StepContext) -> None:
+    ctx.set("partial", 1)
+    raise RuntimeError("boom")
+
+
+def works(ctx: StepContext) -> None:
+    ctx.set("ran", True)
