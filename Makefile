@@ -6,7 +6,7 @@ STAMP := $(VENV)/.shears-setup
 # Source-checkout imports win over the installed (editable) copy: a git worktree sharing .venv tests itself.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test lint bench bench-peers clean
+.PHONY: setup demo test lint bench bench-peers gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,3 +43,13 @@ BENCH_PEERS_ARGS ?=
 bench-peers: setup
 	bash bench/peers/setup_venv.sh $(PY)
 	$(BIN)/python -m bench.peers.run --peer-python $(PEERS_VENV)/bin/python $(BENCH_PEERS_ARGS)
+
+# GPU check (issue 15): every GPU-side measurement in one command, <= 8 minutes on one H100/H200, from a
+# source checkout with nothing installed (so no `setup` here). `make gpu-check DRY=1`, or any machine
+# without a GPU: the CPU dry run (tiny shapes, Triton interpreter) that CI runs. Results: $OUT, else
+# bench/results/gpu-check-<date>[-dry]/ (docs/gpu-check.md). Flags: GPU_CHECK_ARGS="--steps decode".
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(if $(filter-out 0,$(DRY)),--dry-run) $(GPU_CHECK_ARGS)
