@@ -157,7 +157,7 @@ class Run:
         )
         self.log(f"{step.name}: started ({self.mode}, time box {box:.0f} s)")
         self.save()
-        start = time.time()
+        start, cpu = time.time(), children_cpu_s()
         seen = 0.0
         with self.log_path.open("a") as log:
             log.write(f"\n===== {step.name} ({self.mode}) =====\n")
@@ -179,6 +179,7 @@ class Run:
         self.child = None
         self.merge(step.name, part, 0.0)
         entry["seconds"] = round(time.time() - start, 2)
+        entry["cpu_s"] = round(children_cpu_s() - cpu, 2)  # user + system, the step's child
         entry["returncode"] = returncode
         if returncode is None:
             entry["status"] = "timeout"
@@ -267,6 +268,13 @@ class Run:
         print(render_markdown(self.report, summary_only=True), flush=True)
         self.log(f"wrote {self.out / 'gpu-check.json'} and gpu-check.md in {self.report['wall_s']:.0f} s")
         return 0 if healthy(self.report) else 1
+
+
+def children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def healthy(report: dict[str, Any]) -> bool:

@@ -54,12 +54,13 @@ def _header(report: dict[str, Any]) -> list[str]:
             name,
             entry.get("status"),
             entry.get("seconds"),
+            entry.get("cpu_s"),
             entry.get("time_box_s"),
             len(entry.get("problems", [])),
         ]
         for name, entry in report["steps"].items()
     ]
-    return [*lines, "", *_table(["step", "status", "seconds", "time box s", "problems"], rows)]
+    return [*lines, "", *_table(["step", "status", "seconds", "CPU s", "time box s", "problems"], rows)]
 
 
 def _environment(report: dict[str, Any]) -> list[str]:

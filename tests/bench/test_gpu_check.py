@@ -147,7 +147,7 @@ def test_time_boxes_a_hung_step_and_goes_on(tmp_path: Path) -> None:
     assert crash["status"] == "failed" and crash["result"]["partial"] == 1 and "boom" in crash["error"]
     assert works["status"] == "ok" and works["result"] == {"ran": True}
     assert report["steps"]["summary"]["status"] == "ok" and report["finished"]
-    assert "| hang | timeout |" in (tmp_path / "gpu-check.md").read_text()
+    assert "| hang | timeout | " in (tmp_path / "gpu-check.md").read_text()
 
 
 def _row(layout: str, m: int, shears: float, dispatch: float) -> dict:
@@ -169,7 +169,8 @@ def test_summary_judges_the_targets() -> None:
     rows = [
         _row("2:4", 1, 1.9, 1.9),
         _row("2:4", 16, 1.7, 1.7),
-        _row("2:4", 2048, 0.6, 0.98),  # the dispatcher picked something slower than dense
+        _row("2:4", 512, 0.7, 0.98),  # within timing noise of dense
+        _row("2:4", 2048, 0.6, 0.9),  # the dispatcher picked something slower than dense
         _row("bitmask70", 1, 2.4, 2.4),
         _row("bitmask90", 1, 3.1, 3.1),
     ]
@@ -213,7 +214,7 @@ def test_summary_judges_the_targets() -> None:
         "Wanda 7B model": True,
     }
     assert targets["2:4 bf16 decode vs cuBLAS"]["value"] == 1.7
-    assert targets["dispatch vs cuBLAS"]["value"] == 0.98
+    assert targets["dispatch vs cuBLAS"]["value"] == 0.9
     assert targets["2:4 decode output"]["detail"] == "not measured"
     report = {
         "mode": "gpu",
@@ -222,7 +223,8 @@ def test_summary_judges_the_targets() -> None:
         "steps": {**steps, "summary": {"status": "ok", "result": summarize(steps)}},
     }
     markdown = render_markdown(report)
-    assert "| dispatch vs cuBLAS | dispatcher's pick never below 1.0x dense | 0.98 | MISSED |" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("| dispatch vs cuBLAS |"))
+    assert line.endswith("| 0.90 | MISSED | min 0.90, median 1.80, max 3.10 over 6 rows |"), line
     assert "EXTRAPOLATED" in markdown and "cannot render" not in markdown
 
 
