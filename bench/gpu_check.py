@@ -129,7 +129,7 @@ class Run:
     def run_step(self, index: int, step: Step) -> None:
         entry = self.report["steps"][step.name]
         box = self.box_for(index, step)
-        if box < RESERVE_S[self.mode] / 2:
+        if box < min(step.box(self.mode), RESERVE_S[self.mode] / 2):  # the budget left too little
             entry.update(status="skipped", error="no time left in the budget")
             self.log(f"{step.name}: skipped (no time left)")
             return

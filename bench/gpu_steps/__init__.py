@@ -33,7 +33,7 @@ class Step:
 # also cut so that every later step keeps a minimum (gpu_check.RESERVE_S).
 STEPS = [
     Step("environment", "bench.gpu_steps.environment", 60, 40),
-    Step("correctness", "bench.gpu_steps.correctness", 80, 45),
+    Step("correctness", "bench.gpu_steps.correctness", 90, 45),
     Step("kernel_speed", "bench.gpu_steps.kernel_speed", 170, 45),
     Step("decode", "bench.gpu_steps.decode", 75, 45),
     Step("pruning_speed", "bench.gpu_steps.pruning_speed", 120, 40),

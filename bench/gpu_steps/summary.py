@@ -49,7 +49,8 @@ def _correct(steps: dict[str, Any]) -> tuple[float | None, bool | None, str]:
     if "all_ok" not in result:
         return None, None, "not measured"
     failed = len(result.get("failed", []))
-    wrong_rows = [r for r in _rows(steps) if r.get("correct") is False]
+    # A speed row is wrong if its fastest launch disagreed with the reference or no launch ran at all.
+    wrong_rows = [r for r in _rows(steps) if r.get("correct") is False or r.get("shears_us") is None]
     met = bool(result["all_ok"]) and not wrong_rows
     detail = f"{failed} of {result.get('checks', 0)} checks failed; {len(wrong_rows)} speed rows wrong"
     if result.get("complete") is False:

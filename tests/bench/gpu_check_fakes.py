@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from bench.gpu_steps.context import StepContext
@@ -19,4 +20,6 @@ def crash(ctx: StepContext) -> None:
 
 
 def works(ctx: StepContext) -> None:
-    ctx.set("ran", True)
+    """Says what a step sees: its mode and whether the Triton interpreter is on."""
+    ctx.set("mode", ctx.mode)
+    ctx.set("interpreter", os.environ.get("TRITON_INTERPRET"))

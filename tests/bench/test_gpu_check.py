@@ -131,13 +131,14 @@ def test_dry_run_passes_without_the_server_packages(tmp_path: Path) -> None:
 
 
 def test_time_boxes_a_hung_step_and_goes_on(tmp_path: Path) -> None:
+    """In GPU mode (these steps need no GPU): the boxes and the child environment a GPU run uses."""
     steps = [
         Step("hang", "tests.bench.gpu_check_fakes:hang", 6, 6),
         Step("crash", "tests.bench.gpu_check_fakes:crash", 60, 60),
         Step("works", "tests.bench.gpu_check_fakes:works", 60, 60),
     ]
     args = argparse.Namespace(
-        dry_run=True, dry_reason="test", out=tmp_path, steps=None, budget=200, time_scale=1.0, max_configs=3
+        dry_run=False, out=tmp_path, steps=None, budget=200, time_scale=1.0, max_configs=3
     )
     assert Run(args, steps).main() == 1  # not healthy: one step timed out, one failed
     report = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -145,9 +146,17 @@ def test_time_boxes_a_hung_step_and_goes_on(tmp_path: Path) -> None:
     assert hang["status"] == "timeout" and hang["result"] == {"before_hang": True}
     assert 6 <= hang["seconds"] < 30 and not Path(f"/proc/{hang['pid']}").exists()
     assert crash["status"] == "failed" and crash["result"]["partial"] == 1 and "boom" in crash["error"]
-    assert works["status"] == "ok" and works["result"] == {"ran": True}
-    assert report["steps"]["summary"]["status"] == "ok" and report["finished"]
+    assert works["status"] == "ok" and works["result"] == {"mode": "gpu", "interpreter": None}
+    assert report["steps"]["summary"]["status"] == "ok" and report["finished"] and report["mode"] == "gpu"
     assert "| hang | timeout | " in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_budget_spent_skips_the_rest(tmp_path: Path) -> None:
+    steps = [Step("works", "tests.bench.gpu_check_fakes:works", 60, 60)]
+    args = argparse.Namespace(dry_run=True, out=tmp_path, steps=None, budget=1, time_scale=1.0, max_configs=3)
+    assert Run(args, steps).main() == 1
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["steps"]["works"]["status"] == "skipped" and report["steps"]["summary"]["status"] == "ok"
 
 
 def _row(layout: str, m: int, shears: float, dispatch: float) -> dict:
