@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
-from shears.pruning.methods import SparseGPTOptions
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
+
+if TYPE_CHECKING:  # the options model needs pydantic; the solver runs without it (the GPU check)
+    from shears.pruning.methods import SparseGPTOptions
 
 log = logging.getLogger(__name__)
 

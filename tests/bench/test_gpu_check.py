@@ -61,9 +61,11 @@ def _hidden_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_hiding_works(tmp_path: Path) -> None:
-    """The hook really hides the packages and the install (else the dry-run test proves nothing)."""
+    """The hook really hides the packages and the install (else the dry-run test proves nothing), and
+    what the GPU check imports of the engine needs none of them."""
     code = (
-        "import importlib.util, shears.kernels, shears.pruning.streaming\n"
+        "import importlib.util, shears.kernels, shears.pruning.streaming, shears.pruning.stats\n"
+        "import shears.pruning.solvers.sparsegpt, shears.pruning.solvers.wanda\n"
         "print([importlib.util.find_spec(n) is None for n in ('pydantic', 'accelerate', 'fastapi')])\n"
         "print(shears.kernels.__path__[0])\n"
         "try:\n    import shears.pruning.config\nexcept ImportError as exc:\n    print('blocked', exc.name)\n"
