@@ -5,7 +5,7 @@ Steps (bench/gpu_steps/): 1 environment, 2 kernel correctness, 3 kernel speed vs
 Each of steps 1-5 runs in its own child process with its own time box: a step that fails, hangs or
 breaks the CUDA context is recorded and the next one runs. Results are rewritten as they arrive (a
 killed run still returns what was done) to $OUT, else bench/results/gpu-check-<date>[-dry]/:
-gpu-check.json (schema: docs/gpu-check.md), gpu-check.md and gpu-check.log.
+gpu-check.json (schema: docs/gpu-check.md), gpu-check.md, gpu-check.png and gpu-check.log.
 
 Runs from a source checkout with only Python, torch, triton, transformers, safetensors, numpy and
 matplotlib (no install, no pydantic/accelerate/fastapi):
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from bench.gpu_steps import DEFAULT_MAX_CONFIGS, OPPORTUNISTIC, STEPS, Step  # noqa: E402
-from bench.gpu_steps.report import render_markdown  # noqa: E402
+from bench.gpu_steps.report import render_markdown, write_chart  # noqa: E402
 from bench.gpu_steps.summary import summarize  # noqa: E402
 
 SCHEMA = "shears.gpu-check/1"
@@ -248,6 +248,13 @@ class Run:
 
     def finish(self) -> None:
         self.report["steps"]["summary"] = {"status": "ok", "result": summarize(self.report["steps"])}
+        try:
+            problem = write_chart(self.report, self.out / "gpu-check.png")
+        except Exception as exc:  # the chart is a convenience: never lose the report to it
+            problem = f"{type(exc).__name__}: {exc}"
+        self.report["chart"] = "gpu-check.png" if problem is None else None
+        if problem is not None:
+            self.report["chart_error"] = problem
         self.report["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.save()
 

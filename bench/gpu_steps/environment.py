@@ -102,17 +102,24 @@ def baselines(device: torch.device, dry: bool) -> dict[str, float]:
     }
 
 
-def run(ctx: StepContext) -> None:
-    """Also the probe that decides the mode of the later steps: `gpu` is whether torch sees a GPU."""
+def triton_state() -> str:
     from shears.kernels.dispatch import triton_status
 
+    return triton_status() or "ok"
+
+
+def run(ctx: StepContext) -> None:
+    """Also the probe that decides the mode of the later steps: `gpu` is whether torch sees a GPU.
+
+    Recorded first and with nothing of Shears imported, so that a broken import costs its own line,
+    not the GPU window (the later steps would otherwise run as the dry run)."""
     gpu = torch.cuda.is_available() and not ctx.dry
     device = torch.device("cuda" if gpu else "cpu")
     ctx.set("gpu", gpu)
+    ctx.set("device", ctx.attempt("device", lambda: device_info(device)) or {"name": str(device)})
     ctx.set("versions", versions())
     ctx.set("python_executable", sys.executable)
-    ctx.set("imported_from", imported_from())
     ctx.set("absent_packages", {name: importlib.util.find_spec(name) is None for name in FORBIDDEN})
-    ctx.set("triton_status", triton_status() or "ok")
-    ctx.set("device", device_info(device))
+    ctx.set("imported_from", ctx.attempt("import shears", imported_from))
+    ctx.set("triton_status", ctx.attempt("import the kernels", triton_state))
     ctx.set("baselines", ctx.attempt("baselines", lambda: baselines(device, not gpu)))

@@ -263,3 +263,18 @@ def render_markdown(report: dict[str, Any], summary_only: bool = False) -> str:
             except Exception as exc:  # a partial result must not stop the report
                 parts += [f"({section.__name__.strip('_')}: cannot render: {type(exc).__name__}: {exc})", ""]
     return "\n".join(parts) + "\n"
+
+
+def write_chart(report: dict[str, Any], path: Any) -> str | None:
+    """gpu-check.png: step 3's speedups over dense per shape and layout (kernels.chart), or why not."""
+    rows = [r for r in _result(report, "kernel_speed").get("rows", []) if "error" not in r]
+    if not rows:
+        return "no kernel rows"
+    from shears.kernels.chart import write_chart as draw
+
+    kernels = [
+        {**r, "layer": r["shape_name"], "pattern": "2:4" if r["layout"] == "2:4" else "unstructured"}
+        for r in sorted(rows, key=lambda r: r["m"])
+    ]
+    name = (report.get("device") or {}).get("name", "GPU")
+    return draw({"kernels": kernels, "device": {"name": name}}, path)

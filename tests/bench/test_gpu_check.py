@@ -130,6 +130,7 @@ def test_dry_run_passes_without_the_server_packages(tmp_path: Path) -> None:
     assert all(t["value"] is not None for t in targets.values())
     markdown = (out / "gpu-check.md").read_text()
     assert "DRY RUN" in markdown and "## 3. Kernel speed" in markdown and "## Problems" not in markdown
+    assert report["chart"] == "gpu-check.png" and (out / "gpu-check.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_time_boxes_a_hung_step_and_goes_on(tmp_path: Path) -> None:
