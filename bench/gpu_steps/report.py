@@ -69,12 +69,14 @@ def _environment(report: dict[str, Any]) -> list[str]:
         return []
     device = result.get("device") or {}
     smi = device.get("nvidia_smi") or {}
-    lines = ["## 1. Environment", ""]
-    lines.append(
-        f"- device: {device.get('name')}, capability {device.get('capability')}, {device.get('sms')} SMs, "
-        f"{_fmt((device.get('memory_bytes') or 0) / 2**30, 1)} GiB; driver {smi.get('driver_version')}; "
-        f"CUDA {device.get('torch_cuda')}; cuSPARSELt {device.get('cusparselt')}"
-    )
+    lines = ["## 1. Environment", "", f"- device: {device.get('name')}"]
+    if device.get("memory_bytes"):
+        lines[-1] += (
+            f", capability {device.get('capability')}, {device.get('sms')} SMs, "
+            f"{_fmt(device['memory_bytes'] / 2**30, 1)} GiB; driver {smi.get('driver_version')}; "
+            f"CUDA {device.get('torch_cuda')}; cuSPARSELt {device.get('cusparselt')}"
+        )
+    lines.append(f"- Shears imported from: {result.get('imported_from')}")
     versions = result.get("versions") or {}
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     lines.append(f"- triton: {result.get('triton_status')}; absent packages: {result.get('absent_packages')}")

@@ -18,7 +18,7 @@ DISPATCH_NOISE = 0.97
 class Target:
     name: str
     goal: str
-    measure: Callable[[dict[str, Any]], tuple[float | None, bool | None, str]]  # (value, met, detail)
+    measure: Callable[[dict[str, Any]], tuple[float | None, bool | None, str]]  # value, met, detail
 
 
 def _rows(steps: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,7 +55,7 @@ def _correct(steps: dict[str, Any]) -> tuple[float | None, bool | None, str]:
     detail = f"{failed} of {result.get('checks', 0)} checks failed; {len(wrong_rows)} speed rows wrong"
     if result.get("complete") is False:
         detail += "; the time box cut some checks"
-    return float(result.get("checks", 0) - failed), met, detail
+    return result.get("checks", 0) - failed, met, detail
 
 
 def _decode_equal(steps: dict[str, Any]) -> tuple[float | None, bool | None, str]:

@@ -228,13 +228,26 @@ def test_summary_judges_the_targets() -> None:
     assert targets["2:4 bf16 decode vs cuBLAS"]["value"] == 1.7
     assert targets["dispatch vs cuBLAS"]["value"] == 0.9
     assert targets["2:4 decode output"]["detail"] == "not measured"
+    device = {"name": "NVIDIA H200", "capability": [9, 0], "sms": 132, "memory_bytes": 150 << 30}
+    device["nvidia_smi"] = {"driver_version": "580.159.03"}
+    environment = {"gpu": True, "device": device, "versions": {"torch": "2.11.0"}, "triton_status": "ok"}
+    environment["baselines"] = {"bf16_matmul_side": 8192, "bf16_matmul_tflops": 780.0, "copy_mib": 1024}
+    environment["baselines"]["copy_gb_per_s"] = 4300.0
     report = {
         "mode": "gpu",
         "started": "2026-12-01T00:00:00+00:00",
         "command": "python3 bench/gpu_check.py",
-        "steps": {**steps, "summary": {"status": "ok", "result": summarize(steps)}},
+        "device": device,
+        "steps": {
+            "environment": {"status": "ok", "result": environment},
+            **steps,
+            "summary": {"status": "ok", "result": summarize(steps)},
+        },
     }
     markdown = render_markdown(report)
+    assert "- device: NVIDIA H200, capability [9, 0], 132 SMs, 150.0 GiB; driver 580.159.03" in markdown
+    assert "bf16 matmul 8192^3 780.0 TFLOP/s; device copy 1024 MiB 4300 GB/s" in markdown
+    assert "| decode | timeout |" in markdown
     line = next(line for line in markdown.splitlines() if line.startswith("| dispatch vs cuBLAS |"))
     assert line.endswith("| 0.90 | MISSED | min 0.90, median 1.80, max 3.10 over 6 rows |"), line
     assert "EXTRAPOLATED" in markdown and "cannot render" not in markdown
