@@ -95,13 +95,13 @@ def measure_row(ctx: StepContext, op: Any, x: torch.Tensor, dispatcher: Any, siz
         row |= {"relative_error": error, "correct": error <= 2 * tolerance(x.dtype)}
     dense = op.dense()
     row["dense_us"] = timing(lambda: F.linear(x, dense))
-    semi = op.semi()
     row["semi_us"] = None
-    if semi is not None:
-        try:
+    try:  # torch's semi-structured 2:4 (None where the GPU, dtype or shape has none)
+        semi = op.semi()
+        if semi is not None:
             row["semi_us"] = timing(lambda: F.linear(x, semi))
-        except Exception as exc:
-            errors["semi"] = f"{type(exc).__name__}: {exc}"[:300]
+    except Exception as exc:
+        errors["semi"] = f"{type(exc).__name__}: {exc}"[:300]
     choice = dispatcher.choose(x, op)
     row["dispatch"] = choice.label
     # The pick's time from this table (the same measurement as its column), else timed now.
