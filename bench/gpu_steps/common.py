@@ -93,3 +93,37 @@ def random_sparse(
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     want = want.float()
     return float((got.float() - want).abs().max()) / (float(want.abs().max()) or 1.0)
+
+
+# The kernels' API as the steps use it, in one place (the kernels package is where it changes).
+
+
+def pack_weight(dense: torch.Tensor, pattern: tuple[int, int], name: str) -> Any:
+    """`dense` packed in the layout its pattern calls for ((0, 0): unstructured, a bitmask)."""
+    from shears.kernels.registry import pack
+
+    return pack(dense, *pattern, name)
+
+
+def reference(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """The pure-torch reference matmul y = x @ W^T of a packed weight (fp32 accumulation)."""
+    from shears.kernels.registry import reference_matmul
+
+    return reference_matmul(x, packed)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error a kernel may show against the reference in this dtype."""
+    from shears.kernels.reference import tolerance as allowed
+
+    return allowed(dtype)
+
+
+def launch_candidates(packed: Any, m: int, device: torch.device, per_kernel: int | None) -> list[Any]:
+    """The Triton launches tuned for `packed` at M = m: the first `per_kernel` of each kernel kind."""
+    from shears.kernels.configs import candidate_configs
+    from shears.kernels.registry import format_of
+
+    rows, cols = packed.shape
+    launches = format_of(packed).launches
+    return candidate_configs(rows, cols, m, launches, sm_count(device), packed.nm, per_kernel)

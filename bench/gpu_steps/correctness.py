@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_steps.common import random_sparse, relative_error, sm_count
+from bench.gpu_steps.common import (
+    launch_candidates,
+    pack_weight,
+    random_sparse,
+    reference,
+    relative_error,
+    tolerance,
+)
 from bench.gpu_steps.context import StepContext
 
 
@@ -47,17 +54,12 @@ PER_KERNEL = {BF16: 2, FP16: 1}
 
 
 def packed_case(case: Case, dtype: torch.dtype, device: torch.device, seed: int):
-    from shears.kernels.formats import pack
-
     dense = random_sparse(*case.shape, case.pattern, case.density, dtype, device, seed)
-    return pack(dense, *case.pattern, case.label)
+    return pack_weight(dense, case.pattern, case.label)
 
 
 def check_launches(ctx: StepContext) -> None:
-    from shears.kernels.configs import candidate_configs
     from shears.kernels.dispatch import Choice, Dispatcher, PackedOperand
-    from shears.kernels.reference import packed_matmul_reference
-    from shears.kernels.selfcheck import tolerance
 
     device, runner = ctx.device, Dispatcher(measure=False)
     generator = torch.Generator().manual_seed(1)
@@ -67,11 +69,8 @@ def check_launches(ctx: StepContext) -> None:
         rows, cols = case.shape
         for m in M_VALUES[ctx.mode]:
             x = torch.randn(m, cols, generator=generator).to(device=device, dtype=dtype)
-            want = packed_matmul_reference(x.float(), packed)
-            configs = candidate_configs(
-                rows, cols, m, packed.layout, sm_count(device), case.pattern, PER_KERNEL[dtype]
-            )
-            for config in configs:
+            want = reference(x.float(), packed)
+            for config in launch_candidates(packed, m, device, PER_KERNEL[dtype]):
                 if ctx.out_of_time():
                     ctx.problem("time box: launch checks cut short")
                     return
@@ -87,7 +86,6 @@ def check_launches(ctx: StepContext) -> None:
 
 def check_sparse_linear(ctx: StepContext) -> None:
     from shears.kernels.dispatch import Dispatcher
-    from shears.kernels.selfcheck import tolerance
     from shears.kernels.sparse_linear import SparseLinear
 
     device = ctx.device

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.gpu_steps.common import relative_error
+from bench.gpu_steps.common import pack_weight, relative_error
 from bench.gpu_steps.context import StepContext
 
 SMOLLM2_135M = dict(
@@ -80,7 +80,6 @@ def agreeing_prefix(a: list[int], b: list[int]) -> int:
 def run(ctx: StepContext) -> None:
     from shears.kernels.decode_bench import greedy_decode
     from shears.kernels.dispatch import Dispatcher
-    from shears.kernels.formats import pack
     from shears.kernels.sparse_linear import swap_in_sparse
 
     settings, prompt_tokens, new_tokens = SIZES[ctx.mode]
@@ -97,7 +96,10 @@ def run(ctx: StepContext) -> None:
     dense = greedy_decode(model, prompt, new_tokens)
     ctx.set("dense", {k: dense[k] for k in ("tokens_per_s", "seconds", "cuda_graph", "graph_error")})
     ctx.set("dense_weight_bytes", weight_bytes(model))
-    packed = {f"{name}.weight": pack(model.get_submodule(name).weight.detach(), 2, 4, name) for name in names}
+    packed = {
+        f"{name}.weight": pack_weight(model.get_submodule(name).weight.detach(), (2, 4), name)
+        for name in names
+    }
     dispatcher = Dispatcher(measure=True, max_configs=ctx.max_configs)
     swap_in_sparse(model, packed, dispatcher)
     del packed

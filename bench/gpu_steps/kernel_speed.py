@@ -14,7 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.gpu_steps.common import random_sparse, relative_error, sm_count, time_us
+from bench.gpu_steps.common import (
+    launch_candidates,
+    pack_weight,
+    random_sparse,
+    reference,
+    relative_error,
+    time_us,
+    tolerance,
+)
 from bench.gpu_steps.context import StepContext
 
 # name: (pattern, density)
@@ -62,22 +70,16 @@ def plan(sizes: Sizes) -> list[tuple[str, str, int]]:
 
 
 def measure_row(ctx: StepContext, op: Any, x: torch.Tensor, dispatcher: Any, sizes: Sizes) -> dict[str, Any]:
-    from shears.kernels.configs import candidate_configs
     from shears.kernels.dispatch import Choice
-    from shears.kernels.reference import packed_matmul_reference
-    from shears.kernels.selfcheck import tolerance
 
     device, packed = ctx.device, op.packed
-    rows, cols = packed.shape
-    m = x.shape[0]
-    pattern = (packed.n, packed.m) if packed.layout == "nm" else (0, 0)
 
     def timing(fn) -> float:
         return time_us(fn, device, warmup=sizes.warmup, runs=sizes.runs)
 
     candidates: dict[str, float] = {}
     errors: dict[str, str] = {}
-    configs = candidate_configs(rows, cols, m, packed.layout, sm_count(device), pattern, ctx.max_configs)
+    configs = launch_candidates(packed, x.shape[0], device, ctx.max_configs)
     for config in configs:
         choice = Choice("triton", config)
         try:
@@ -89,9 +91,7 @@ def measure_row(ctx: StepContext, op: Any, x: torch.Tensor, dispatcher: Any, siz
     row["shears_us"] = candidates.get(best) if best else None
     if best:
         config = next(c for c in configs if str(c) == best)
-        error = relative_error(
-            dispatcher.run(Choice("triton", config), x, op), packed_matmul_reference(x.float(), packed)
-        )
+        error = relative_error(dispatcher.run(Choice("triton", config), x, op), reference(x.float(), packed))
         row |= {"relative_error": error, "correct": error <= 2 * tolerance(x.dtype)}
     dense = op.dense()
     row["dense_us"] = timing(lambda: F.linear(x, dense))
@@ -119,7 +119,6 @@ def measure_row(ctx: StepContext, op: Any, x: torch.Tensor, dispatcher: Any, siz
 
 def run(ctx: StepContext) -> None:
     from shears.kernels.dispatch import Dispatcher, PackedOperand, triton_status
-    from shears.kernels.formats import pack
 
     status = triton_status()
     if status is not None:
@@ -142,7 +141,9 @@ def run(ctx: StepContext) -> None:
         if (shape_name, layout) not in operands:
             pattern, density = LAYOUTS[layout]
             dense = random_sparse(n, k, pattern, density, dtype, ctx.device, seed=len(operands))
-            operands[shape_name, layout] = PackedOperand(pack(dense, *pattern, f"{shape_name}.{layout}"))
+            operands[shape_name, layout] = PackedOperand(
+                pack_weight(dense, pattern, f"{shape_name}.{layout}")
+            )
             del dense
         op = operands[shape_name, layout]
         x = torch.randn(m, k, generator=generator).to(device=ctx.device, dtype=dtype)

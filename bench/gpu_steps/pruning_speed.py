@@ -110,13 +110,15 @@ class Statistics:
 
 
 def capture(sizes: Sizes, device: torch.device) -> tuple[Any, list[Any], float]:
-    """(model config, block 0's inputs for every calibration batch on `device`, seconds)."""
+    """(model config, the calibration batches on `device`: block 0's hidden states and what each of
+    the first `sizes.blocks` blocks receives, seconds). The model has only those blocks (their
+    weights are never used: capture replaces them by recorders)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shears.pruning.streaming import capture_inputs
 
     config = LlamaConfig(
-        **dict(sizes.model, num_hidden_layers=1),
+        **dict(sizes.model, num_hidden_layers=sizes.blocks),
         max_position_embeddings=sizes.seqlen,
         tie_word_embeddings=False,
     )
@@ -126,7 +128,8 @@ def capture(sizes: Sizes, device: torch.device) -> tuple[Any, list[Any], float]:
     ids = torch.randint(
         0, config.vocab_size, (sizes.samples, sizes.seqlen), generator=torch.Generator().manual_seed(0)
     )
-    frame = SimpleNamespace(model=model, blocks=model.model.layers, device=device)  # what capture reads
+    # What capture reads of a Skeleton (pruning.skeleton needs accelerate).
+    frame = SimpleNamespace(model=model, blocks=model.model.layers, num_blocks=sizes.blocks, device=device)
     sync(device)
     start = time.perf_counter()
     batches = capture_inputs(frame, ids.split(sizes.batch_size), device)  # type: ignore[arg-type]
@@ -206,7 +209,7 @@ def prune_one_block(
     stats = Statistics(layers, kind, device)
     try:
         for position, batch in enumerate(batches):
-            out = run_block(block, batch, device)
+            out = run_block(block, index, batch, device)
             stats.after_batch()
             if position < len(dense_out):
                 dense_out[position].copy_(out)
@@ -220,7 +223,7 @@ def prune_one_block(
     solved = time.perf_counter()
     squared_error = squared_norm = 0.0
     for position, batch in enumerate(batches):
-        out = run_block(block, batch, device)
+        out = run_block(block, index, batch, device)
         if position < len(dense_out):
             squared_error += float(out.float().sub_(dense_out[position]).square_().sum())
             squared_norm += float(dense_out[position].float().square_().sum())
@@ -256,13 +259,9 @@ def leading_batches(batches: list[Any], tokens: int) -> int:
 def run_variant(
     ctx: StepContext, name: str, config: Any, calibration: list[Any], sizes: Sizes, capture_s: float
 ) -> None:
-    from shears.pruning.streaming import Batch
-
     device, variant = ctx.device, VARIANTS[name]
     record: dict[str, Any] = {"variant": name, **variant, "blocks": []}
-    batches = [
-        Batch(b.hidden.clone(), b.kwargs) for b in calibration
-    ]  # each variant starts from block 0's inputs
+    batches = [b.clone() for b in calibration]  # each variant starts from block 0's inputs
     dense_out = [torch.empty_like(b.hidden) for b in batches[: leading_batches(batches, ERROR_SAMPLE_TOKENS)]]
     baseline = allocated_bytes(device)
     working = sum(b.hidden.numel() * b.hidden.element_size() for b in batches) + sum(

@@ -269,10 +269,11 @@ def test_step_defaults_follow_the_request_and_engine() -> None:
 def test_tuning_space_restricted_per_kernel() -> None:
     """`--max-configs`: the first N launches of each kernel (GEMV, tl.dot), in the tuned order."""
     from shears.kernels.configs import candidate_configs
+    from shears.kernels.registry import FORMATS
 
     for m, layout in ((1, "nm"), (1, "bitmask"), (16, "nm"), (2048, "nm")):
-        pattern = (2, 4) if layout == "nm" else (0, 0)
-        full = candidate_configs(4096, 14336, m, layout, 132, pattern)
-        cut = candidate_configs(4096, 14336, m, layout, 132, pattern, per_kernel=2)
+        pattern, launches = (2, 4) if layout == "nm" else (0, 0), FORMATS[layout].launches
+        full = candidate_configs(4096, 14336, m, launches, 132, pattern)
+        cut = candidate_configs(4096, 14336, m, launches, 132, pattern, per_kernel=2)
         gemv, dot = [c for c in full if c.gemv], [c for c in full if not c.gemv]
         assert cut == gemv[:2] + dot[:2] and len(cut) < len(full)
