@@ -47,7 +47,7 @@ bench-peers: setup
 # GPU check (issue 15): every GPU-side measurement in one command, <= 8 minutes on one H100/H200, from a
 # source checkout with nothing installed (so no `setup` here). `make gpu-check DRY=1`, or any machine
 # without a GPU: the CPU dry run (tiny shapes, Triton interpreter) that CI runs. Results: $OUT, else
-# bench/results/gpu-check-<date>[-dry]/ (docs/gpu-check.md). Flags: GPU_CHECK_ARGS="--steps decode".
+# bench/results/gpu-check-<date>-<gpu or dry>/ (docs/gpu-check.md). Flags: GPU_CHECK_ARGS="--steps decode".
 GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 GPU_CHECK_ARGS ?=
 

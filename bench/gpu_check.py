@@ -4,7 +4,7 @@ Steps (bench/gpu_steps/): 1 environment, 2 kernel correctness, 3 kernel speed vs
 2:4, 4 end-to-end decode, 5 pruning speed on a 7B-shaped model, 6 a summary against the targets.
 Each of steps 1-5 runs in its own child process with its own time box: a step that fails, hangs or
 breaks the CUDA context is recorded and the next one runs. Results are rewritten as they arrive (a
-killed run still returns what was done) to $OUT, else bench/results/gpu-check-<date>[-dry]/:
+killed run still returns what was done) to $OUT, else bench/results/gpu-check-<date>-<gpu or dry>/:
 gpu-check.json (schema: docs/gpu-check.md), gpu-check.md, gpu-check.png and gpu-check.log.
 
 Runs from a source checkout with only Python, torch, triton, transformers, safetensors, numpy and
@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,9 +49,24 @@ def gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
 
 
+def gpu_slug() -> str:
+    """The first GPU's name as a file-name part ("nvidia-h200"), from nvidia-smi; "gpu" if it says none."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+        name = done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout.strip() else ""
+    except (OSError, subprocess.TimeoutExpired):
+        name = ""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
 def default_out(mode: str) -> Path:
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    return ROOT / "bench" / "results" / f"gpu-check-{date}{'-dry' if mode == 'dry' else ''}"
+    return ROOT / "bench" / "results" / f"gpu-check-{date}-{'dry' if mode == 'dry' else gpu_slug()}"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -8,13 +8,14 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench.gpu_check import Run
+from bench.gpu_check import Run, default_out
 from bench.gpu_steps import Step
 from bench.gpu_steps.report import render_markdown
 from bench.gpu_steps.summary import summarize
@@ -160,6 +161,10 @@ def test_budget_spent_skips_the_rest(tmp_path: Path) -> None:
     assert Run(args, steps).main() == 1
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["steps"]["works"]["status"] == "skipped" and report["steps"]["summary"]["status"] == "ok"
+    assert (
+        default_out("dry").name.endswith("-dry") and default_out("dry").parent == ROOT / "bench" / "results"
+    )
+    assert re.fullmatch(r"gpu-check-\d{4}-\d\d-\d\d-[a-z0-9-]+", default_out("gpu").name)
 
 
 def _row(layout: str, m: int, shears: float, dispatch: float) -> dict:
