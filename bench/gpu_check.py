@@ -199,6 +199,7 @@ class Run:
         entry["returncode"] = returncode
         if returncode is None:
             entry["status"] = "timeout"
+            entry.setdefault("error", f"stopped at its time box ({box:.0f} s); the result is partial")
         elif returncode == 0:
             entry["status"] = "ok"
         else:

@@ -147,7 +147,11 @@ def test_time_boxes_a_hung_step_and_goes_on(tmp_path: Path) -> None:
     assert Run(args, steps).main() == 1  # not healthy: one step timed out, one failed
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     hang, crash, works = (report["steps"][name] for name in ("hang", "crash", "works"))
-    assert hang["status"] == "timeout" and hang["result"] == {"before_hang": True}
+    assert (
+        hang["status"] == "timeout"
+        and hang["result"] == {"before_hang": True}
+        and "time box" in hang["error"]
+    )
     assert 6 <= hang["seconds"] < 30 and not Path(f"/proc/{hang['pid']}").exists()
     assert crash["status"] == "failed" and crash["result"]["partial"] == 1 and "boom" in crash["error"]
     assert works["status"] == "ok" and works["result"] == {"mode": "gpu", "interpreter": None}
