@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    BaseModel,
     BeforeValidator,
     Field,
     PlainSerializer,
@@ -132,7 +133,18 @@ def _compile(rx: str, field: str) -> re.Pattern[str]:
         raise ValueError(f"{field}: {rx!r} is not a valid regular expression ({exc})") from exc
 
 
-class EngineOptions(Strict):
+class OperatorOptions(BaseModel):
+    """Settings of the engine an operator chooses for every job, shared by EngineOptions and the
+    server's Settings (which declares them from here: one definition, one set of bounds)."""
+
+    allow_pickle: bool = Field(False, description="load .bin/.pt pickle checkpoints (they can run code)")
+    trust_remote_code: bool = Field(False, description="run the Python code a model repository ships")
+    max_shard_bytes: Annotated[int, Field(ge=1 << 12)] = Field(
+        2 << 30, description="the largest weight file written; bigger outputs are sharded with an index"
+    )
+
+
+class EngineOptions(Strict, OperatorOptions):
     """Operator-level settings: what a job may load and where the engine keeps its files.
 
     Not part of a request: a user of the HTTP API cannot turn these on.
@@ -142,10 +154,7 @@ class EngineOptions(Strict):
         None, description="model cache; default $SHEARS_HOME/models or ~/.cache/shears"
     )
     uploads_dir: str | None = Field(None, description="where 'upload:<id>' calibration files live")
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
     allow_local_paths: bool = Field(
         True,
         description="calibration sources may name local files (the server turns this off for HTTP users)",
     )
-    max_shard_bytes: Annotated[int, Field(ge=1 << 12)] = 2 << 30

@@ -7,9 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shears.errors import JOB_ERROR_CODES
+from shears.pruning.config import PruneRequest
 from shears.server.models import Job, JobEvent, Upload, utcnow
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobErrorCode = Literal[tuple(JOB_ERROR_CODES)]  # type: ignore[valid-type]
 
 
 class Out(BaseModel):
@@ -26,9 +29,8 @@ class Progress(Out):
 
 
 class JobError(Out):
-    code: str = Field(
-        description="invalid_request, model_unavailable, unsafe_weights, out_of_memory, "
-        "worker_lost or internal"
+    code: JobErrorCode = Field(
+        description="; ".join(f"{code}: {what}" for code, what in JOB_ERROR_CODES.items())
     )
     message: str
 
@@ -47,7 +49,7 @@ class JobOut(Out):
     attempt: int
     max_attempts: int
     cancel_requested: bool
-    request: dict[str, Any]
+    request: PruneRequest  # type: ignore[valid-type]
     error: JobError | None
     model_revision: str | None
     result: dict[str, Any] | None = Field(None, description="perplexity and sparsity from the manifest")
@@ -127,7 +129,7 @@ def job_out(job: Job) -> JobOut:
         attempt=job.attempt,  # type: ignore[arg-type]
         max_attempts=job.max_attempts,
         cancel_requested=job.cancel_requested,
-        request=job.request,
+        request=PruneRequest.model_validate(job.request),
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         model_revision=job.model_revision,
         result=result,

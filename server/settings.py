@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shears.pruning.config import EngineOptions
+from shears.pruning.config import EngineOptions, OperatorOptions
 
 # Passed on to workers; the token and the listen address stay with the API process.
 _WORKER_FIELDS = (
@@ -55,7 +55,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, OperatorOptions):
+    """The server's settings; allow_pickle, trust_remote_code and max_shard_bytes come from
+    OperatorOptions, as the engine declares them."""
+
     model_config = SettingsConfigDict(env_prefix="SHEARS_", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -105,9 +108,6 @@ class Settings(BaseSettings):
         description="model cache; default: the engine's ($SHEARS_HOME/models "
         "or ~/.cache/shears/models), shared with `shears models prepare`",
     )
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    max_shard_bytes: Annotated[int, Field(ge=1 << 20)] = 2 << 30
     worker_nice: Annotated[int, Field(ge=0, le=19)] = Field(
         0,
         description="niceness added to workers (the API answers within milliseconds without it; raise it "
@@ -162,14 +162,12 @@ class Settings(BaseSettings):
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
+            **self.model_dump(include=set(OperatorOptions.model_fields)),
             cache_dir=str(self.cache_dir.resolve()) if self.cache_dir else None,
             uploads_dir=str(self.uploads_dir),
-            allow_pickle=self.allow_pickle,
-            trust_remote_code=self.trust_remote_code,
             # Requests come from HTTP users: the engine reads local text files only where the operator
             # allowed some (admission then checks each path is inside those folders).
             allow_local_paths=bool(self.text_dirs),
-            max_shard_bytes=self.max_shard_bytes,
         )
 
     def startup_problem(self) -> str | None:

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shears.errors import WORKER_LOST
 from shears.server.db import BEGIN_OPTION, CLAIM_LOCK, make_engine
 from shears.server.models import (
     ACTIVE,
@@ -396,9 +397,9 @@ class Store:
                 self._state_event(session, job, QUEUED, f"worker lost ({reason}); re-queued")
             else:
                 job.status, job.finished_at = FAILED, now
-                job.error_code = "worker_lost"
+                job.error_code = WORKER_LOST
                 job.error_message = f"the worker was lost on each of {job.attempt} attempts (last: {reason})"
-                self._state_event(session, job, FAILED, job.error_message, code="worker_lost")
+                self._state_event(session, job, FAILED, job.error_message, code=WORKER_LOST)
             return job.status
 
     def requeue(self, job_id: str, attempt: int, reason: str) -> bool:

@@ -21,14 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from shears.errors import ShearsError
+from shears.errors import JOB_ERROR_CODES, ShearsError
 from shears.progress import Event
 from shears.server.models import ACTIVE, CANCELLED, FAILED, SUCCEEDED
 from shears.server.settings import Settings
 from shears.server.store import Store
 
 log = logging.getLogger("shears.worker")
-_CODES = {"invalid_request", "model_unavailable", "unsafe_weights", "out_of_memory", "internal"}
 _PROGRESS_EVERY = 0.5  # seconds between stored progress events of one phase
 
 
@@ -140,7 +139,7 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
             store.requeue(job_id, attempt, "the worker was stopped (SIGTERM)")
     except Exception as exc:
         signals.deferred = True
-        code = exc.code if isinstance(exc, ShearsError) and exc.code in _CODES else "internal"
+        code = exc.code if isinstance(exc, ShearsError) and exc.code in JOB_ERROR_CODES else "internal"
         if isinstance(exc, MemoryError):
             code = "out_of_memory"
         message = str(exc) if isinstance(exc, ShearsError) else f"{type(exc).__name__}: {exc}"

@@ -1,6 +1,20 @@
-"""Errors a user can act on. `code` says whose fault it was; the server reports it as the job's error."""
+"""Errors a user can act on. `code` says whose fault it was; the server reports it as the job's error.
+
+JOB_ERROR_CODES lists every code a failed job may report (the server's schema and worker read it
+from here); an error class's `code` must be one of them.
+"""
 
 from __future__ import annotations
+
+JOB_ERROR_CODES: dict[str, str] = {
+    "invalid_request": "the request cannot be carried out as written: fix it and submit again",
+    "model_unavailable": "the model names nothing that can be loaded",
+    "unsafe_weights": "pickle checkpoints or remote code, which the operator has not allowed",
+    "out_of_memory": "the job did not fit the device's memory: fewer samples or a smaller batch",
+    "worker_lost": "the worker process died or stopped answering (retried up to max_attempts)",
+    "internal": "a failure of Shears or of the machine, not of the request",
+}
+WORKER_LOST = "worker_lost"
 
 
 class ShearsError(Exception):
