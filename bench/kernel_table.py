@@ -4,7 +4,7 @@ Random bf16 weights, 2:4 and bitmask at 50 / 70 / 90 % sparsity, M in {1, 4, 16,
 events after warm-up, L2 flushed, median of many runs (kernels/timing.py). Writes
 bench/results/kernels-<device>-<date>.json and .png, and prints the table and the issue's targets.
 
-    PYTHONPATH=. .venv/bin/python bench/kernels.py [--m 1 16] [--shapes qo kv] [--layouts 2:4 bitmask90]
+    PYTHONPATH=. .venv/bin/python bench/kernel_table.py [--m 1 16] [--shapes qo kv] [--layouts 2:4 bitmask90]
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ from typing import Any
 
 import torch
 
-# Run as a script, this file's folder comes first on sys.path and its name shadows the kernels package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-from shears.kernels.bench import device_info, kernel_rows, memory_bytes, write_result  # noqa: E402
-from shears.kernels.dispatch import Dispatcher, triton_status  # noqa: E402
-from shears.kernels.formats import PackedWeight, dense_nbytes, pack_bitmask, pack_nm  # noqa: E402
+from shears.kernels.bench import device_info, kernel_rows, memory_bytes, write_result
+from shears.kernels.dispatch import Dispatcher, triton_status
+from shears.kernels.formats import PackedWeight, dense_nbytes, pack_bitmask, pack_nm
 
 SHAPES = {"qo": (4096, 4096), "kv": (1024, 4096), "up": (14336, 4096), "down": (4096, 14336)}
 LAYOUTS = {"2:4": None, "bitmask50": 0.5, "bitmask70": 0.7, "bitmask90": 0.9}
@@ -133,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or triton_status() is not None:
         print(
-            f"bench/kernels.py needs a CUDA GPU with triton ({triton_status() or 'no CUDA device'}); "
+            f"bench/kernel_table.py needs a CUDA GPU with triton ({triton_status() or 'no CUDA device'}); "
             "`shears bench` reports sizes and interpreter checks without one",
             file=sys.stderr,
         )
