@@ -51,7 +51,7 @@ def test_request_json_stays_compatible() -> None:
     )
     assert request.pattern == Pattern(2, 4)
     assert PruneRequest(model="m", method="wanda", sparsity=0.5).method_options is None
-    with pytest.raises(ValidationError, match="'sparsegpt', 'wanda' or 'magnitude'"):
+    with pytest.raises(ValidationError, match="Input should be 'sparsegpt', 'wanda'"):
         PruneRequest(model="m", method="obs", sparsity=0.5)
     with pytest.raises(ValidationError, match="extra"):
         PruneRequest(model="m", method="sparsegpt", sparsity=0.5, sparsegpt={"dampening": 0.1})
