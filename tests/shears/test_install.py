@@ -33,33 +33,36 @@ def _sources(folder: Path) -> set[str]:
 
 
 def test_wheel_installs_only_shears_next_to_hub_kernels(tmp_path: Path) -> None:
-    # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
+    # Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     source = tmp_path / "source"
     for folder in FOLDERS:
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
+    site = tmp_path / "site-packages"
+    # One pip run: it builds Shears' wheel (PEP 517, setuptools from this environment) and installs
+    # it with the registry's kernels into one scratch site-packages.
     _pip(
-        "wheel",
+        "install",
         "--no-deps",
         "--no-build-isolation",
-        "-w",
-        str(tmp_path / "wheels"),
+        "--target",
+        str(site),
         str(source),
+        HUB_KERNELS,
         cwd=tmp_path,
     )
-    (wheel,) = (tmp_path / "wheels").glob("shears-*.whl")
 
-    site = tmp_path / "site-packages"
-    _pip("install", "--no-deps", "--target", str(site), str(wheel), cwd=tmp_path)
-    added = {p.name for p in site.iterdir()} - {"bin"}  # --target puts the console script in bin/
-    assert added == {"shears", f"shears-{shears.__version__}.dist-info"}
+    ours = f"shears-{shears.__version__}.dist-info"
+    (theirs,) = (p.name for p in site.glob("kernels-*.dist-info"))
+    assert {p.name for p in site.iterdir()} == {"shears", ours, "kernels", theirs, "bin"}  # bin: scripts
+    paths = [line.split(",")[0] for line in (site / ours / "RECORD").read_text().splitlines()]
+    scripts = {p for p in paths if p.startswith("../") and p.endswith("/bin/shears")}  # the console script
+    assert {p.split("/")[0] for p in set(paths) - scripts} == {"shears", ours}, paths
     for folder in FOLDERS:  # every module of every part is in the wheel
         installed = site / "shears" if folder == "shears" else site / "shears" / folder
         assert _sources(ROOT / folder) <= _sources(installed), folder
 
-    _pip("install", "--no-deps", "--target", str(site), HUB_KERNELS, cwd=tmp_path)
-    assert {"kernels", "shears"} <= {p.name for p in site.iterdir()}
     probe = (
         "import shears, shears.kernels.registry, shears.pruning.methods, kernels\n"
         "print(shears.__file__, shears.kernels.registry.__file__, shears.pruning.methods.__file__)\n"
@@ -71,6 +74,6 @@ def test_wheel_installs_only_shears_next_to_hub_kernels(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    ours, theirs = (line.split() for line in done.stdout.splitlines())
-    assert all(path.startswith(str(site / "shears")) for path in ours), ours
-    assert theirs[0] == str(site / "kernels" / "__init__.py") and theirs[1].startswith("0.17.")
+    loaded_ours, loaded_theirs = (line.split() for line in done.stdout.splitlines())
+    assert all(path.startswith(str(site / "shears")) for path in loaded_ours), loaded_ours
+    assert loaded_theirs[0] == str(site / "kernels" / "__init__.py") and loaded_theirs[1].startswith("0.17.")
