@@ -19,6 +19,7 @@ from shears.server.metrics import make_registry
 from shears.server.problems import ProblemDoc
 from shears.server.settings import Settings
 from shears.server.store import Store
+from shears.server.ui import install as install_ui
 
 log = logging.getLogger("shears.server")
 
@@ -77,9 +78,12 @@ def create_app(settings: Settings | None = None, *, dispatch: bool = True) -> Fa
         version="v1",
         lifespan=lifespan,
         responses=_ERRORS,
-        description="One-shot LLM pruning jobs: submit, follow, cancel, download.",
+        description="One-shot LLM pruning jobs: submit, follow, cancel, download. Dashboard at /ui.",
+        docs_url=None,  # /docs and /redoc are served by the dashboard from vendored assets (no CDN)
+        redoc_url=None,
     )
     problems.install(app)
     app.include_router(system.router)
     app.include_router(v1)
+    install_ui(app)
     return app
