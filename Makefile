@@ -6,7 +6,7 @@ STAMP := $(VENV)/.shears-setup
 # Source-checkout imports win over the installed (editable) copy: a git worktree sharing .venv tests itself.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test lint bench bench-peers gpu-check clean
+.PHONY: setup demo test lint bench bench-peers gpu-check clean screenshots
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x --timeout 900
+
+# The dashboard's screenshots in docs/ui/ (a real server, the built-in model, headless Chromium).
+screenshots: setup
+	$(BIN)/python -m tests.server.ui.screenshots --out docs/ui
 
 lint: setup
 	$(BIN)/ruff check .

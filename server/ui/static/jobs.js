@@ -175,7 +175,19 @@ function reconcileStreams() {
   liveState.textContent = streams.size ? `live: following ${streams.size} active job${streams.size > 1 ? "s" : ""}` : "";
 }
 
+let refreshing = false;
+
 async function refresh() {
+  if (refreshing) return scheduleRefresh(500); // one listing in flight at a time (e.g. behind the token dialog)
+  refreshing = true;
+  try {
+    await listJobs();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function listJobs() {
   const params = new URLSearchParams({ limit: String(Math.min(shown, 200)) });
   if (filter.value) params.set("status", filter.value);
   const errorSlot = document.getElementById("jobs-error");
@@ -210,7 +222,7 @@ async function refresh() {
   const current = [...tbody.children];
   if (current.length !== ordered.length || current.some((tr, i) => tr !== ordered[i])) tbody.replaceChildren(...ordered);
   document.getElementById("jobs-empty").hidden = rows.size > 0;
-  document.getElementById("load-more").hidden = !nextCursor;
+  document.getElementById("load-more").hidden = !nextCursor || shown >= 200; // the API's page limit
   updateCompareButton();
   reconcileStreams();
 }

@@ -32,6 +32,8 @@ FLAGS = [
     "--password-store=basic",
     "--hide-scrollbars",
     "--force-color-profile=srgb",
+    "--disable-breakpad",
+    "--disable-crash-reporter",
 ]
 
 

@@ -38,6 +38,12 @@ def _number(text: str) -> float:
     return float(text.split()[0].replace(",", ""))
 
 
+def _open_form(browser: Browser) -> None:
+    """The form is folded once jobs exist (open on an empty server): open it as a user would."""
+    if browser.css("#new-job").get_attribute("open") is None:
+        browser.css("#new-job summary").click()
+
+
 def _status(browser: Browser, selector: str) -> str | None:
     nodes = browser.all(selector)
     return nodes[0].get_attribute("data-status") if nodes else None
@@ -59,7 +65,7 @@ def test_every_page_and_static_file_has_a_strict_csp(ui_server: ServerProcess) -
 
 
 def test_submit_watch_inspect_download_and_compare(
-    browser: Browser, ui_server: ServerProcess, model_root: Path, extra_models: Path
+    browser: Browser, ui_server: ServerProcess, extra_models: Path
 ) -> None:
     client = ShearsClient(ui_server.url)
     # The job to compare with, on a model whose name is markup: it runs beside the form's job.
@@ -78,7 +84,7 @@ def test_submit_watch_inspect_download_and_compare(
         .observe(document.querySelector('#jobs-table tbody'),
                  {subtree: true, attributes: true, attributeFilter: ['value']});"""
     )
-    browser.css("#new-job summary").click()
+    _open_form(browser)
     model = browser.css("#f-model")
     model.clear()
     model.send_keys(str(extra_models / "tiny6"))
@@ -202,13 +208,13 @@ def test_cancel_and_delete_from_the_job_page(
 
 
 def test_validation_errors_appear_next_to_their_field(
-    browser: Browser, ui_server: ServerProcess, model_root: Path
+    browser: Browser, ui_server: ServerProcess, tmp_path: Path
 ) -> None:
     client = ShearsClient(ui_server.url)
     before = len(client.jobs(limit=200)["jobs"])
     browser.get(ui_server.url + "/ui")
     browser.wait(lambda _: browser.all("#f-sparsity"))
-    browser.css("#new-job summary").click()
+    _open_form(browser)
     sparsity = browser.css("#f-sparsity")
     sparsity.clear()
     sparsity.send_keys("1.5")
@@ -231,10 +237,23 @@ def test_validation_errors_appear_next_to_their_field(
     browser.wait(lambda _: browser.css('[data-error-for="model"]').text, message="no error next to model")
     assert "outside the folders" in browser.css('[data-error-for="model"]').text
     assert not browser.css('[data-error-for="sparsity"]').text
+
+    # A calibration upload the server refuses: its error sits by the file field, no job is queued.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    model.clear()
+    model.send_keys("smollm2-135m")
+    browser.css("#f-upload").send_keys(str(empty))
+    browser.css("#submit-job").click()
+    browser.wait(lambda _: browser.css('[data-error-for="upload"]').text, message="no error by the upload")
+    assert "empty" in browser.css('[data-error-for="upload"]').text
+    assert not browser.css('[data-error-for="model"]').text
     assert len(client.jobs(limit=200)["jobs"]) == before  # nothing was queued
 
 
-def test_labels_keyboard_and_narrow_layout(browser: Browser, ui_server: ServerProcess) -> None:
+def test_labels_keyboard_and_narrow_layout(
+    browser: Browser, ui_server: ServerProcess, extra_models: Path
+) -> None:
     browser.get(ui_server.url + "/ui")
     browser.wait(lambda _: browser.all("#f-model"))
     unlabelled = browser.js(
@@ -247,9 +266,12 @@ def test_labels_keyboard_and_narrow_layout(browser: Browser, ui_server: ServerPr
     body = browser.css("body")
     body.send_keys("\ue004")  # Tab
     assert browser.driver.switch_to.active_element.get_attribute("class") == "skip"
+    browser.js("document.getElementById('new-job').open = false")
     browser.css("#new-job summary").send_keys("\ue007")  # Enter
     assert browser.css("#new-job").get_attribute("open") is not None
-    job_id = ShearsClient(ui_server.url).jobs(limit=1)["jobs"][0]["id"]
+    client = ShearsClient(ui_server.url)
+    jobs = client.jobs(limit=1)["jobs"] or [client.submit(job_request(extra_models / HOSTILE_NAME))]
+    job_id = jobs[0]["id"]
     try:
         browser.driver.set_window_size(390, 800)
         for path in ("/ui", f"/ui/jobs/{job_id}"):

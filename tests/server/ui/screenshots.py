@@ -1,0 +1,107 @@
+"""Screenshots of the dashboard for the docs (`make screenshots`): a real server, the built-in model,
+two real jobs, headless Chromium at 1280x800.
+
+    python -m tests.server.ui.screenshots --out docs/ui
+
+writes jobs.png (the table with a finished and a running job), job-running.png, job-finished.png and
+compare.png. Needs `shears models prepare smollm2-135m` (done by `make setup`) and Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shears.client.client import ShearsClient
+from shears.client.launch import ServerProcess
+from tests.server.ui.browser import Browser, missing
+
+MODEL = "smollm2-135m"
+
+
+def request(method: str, pattern: str, sparsity: float) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "method": method,
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "calibration": {"source": "builtin", "samples": 8, "seqlen": 128},
+        "evaluation": {"enabled": True, "seqlen": 128, "max_tokens": 2048},
+    }
+
+
+def wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} within {timeout} s")
+
+
+def full_page(browser: Browser, path: Path, max_height: int = 3200) -> None:
+    height = browser.js("return document.documentElement.scrollHeight")
+    browser.driver.set_window_size(1280, min(max(height, 800), max_height))
+    time.sleep(0.4)
+    browser.screenshot(path)
+    browser.driver.set_window_size(1280, 800)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/ui"))
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each job")
+    args = parser.parse_args()
+    reason = missing()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    # A SIGTERM still stops the server and the browser (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="shears-screens-") as data:
+        flags = ["--max-concurrent-jobs", "1", "--min-free-disk-bytes", "0", "--log-level", "warning"]
+        server = ServerProcess(Path(data), args=flags)
+        server.start()
+        browser = Browser()
+        try:
+            client = ShearsClient(server.url)
+            first = client.submit(request("sparsegpt", "2:4", 0.5))
+            second = client.submit(request("wanda", "unstructured", 0.5))
+            wait(lambda: client.job(first["id"])["status"] == "succeeded", args.timeout, "first job done")
+
+            def pruning_half_done() -> bool:
+                job = client.job(second["id"])
+                return job["phase"] == "pruning" and (job["progress"] or {}).get("fraction", 0) >= 0.4
+
+            wait(pruning_half_done, args.timeout, "second job half pruned")
+            browser.get(server.url + "/ui")
+            time.sleep(2.5)
+            browser.screenshot(args.out / "jobs.png")
+            print(f"wrote {args.out / 'jobs.png'}", file=sys.stderr)
+            browser.get(f"{server.url}/ui/jobs/{second['id']}")
+            time.sleep(2.5)
+            full_page(browser, args.out / "job-running.png")
+            wait(lambda: client.job(second["id"])["status"] == "succeeded", args.timeout, "second job done")
+            browser.get(f"{server.url}/ui/jobs/{first['id']}")
+            time.sleep(2.5)
+            full_page(browser, args.out / "job-finished.png")
+            browser.get(f"{server.url}/ui/compare?ids={first['id']},{second['id']}")
+            time.sleep(2.5)
+            full_page(browser, args.out / "compare.png")
+            browser.get("about:blank")
+        finally:
+            browser.close()
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
