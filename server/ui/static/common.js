@@ -188,7 +188,7 @@ export function followEvents(jobId, { after = 0, onEvent, onEnd, onConnect }) {
         failures += 1;
       }
       // The stream ended without `end` (server restart, proxy timeout): resume after the last id.
-      await sleep(Math.min(retry * 2 ** Math.min(failures, 4), 30000));
+      await sleep(Math.min(retry * 2 ** Math.min(failures, 3), 5000));
     }
   })();
   return stop;

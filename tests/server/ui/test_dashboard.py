@@ -38,6 +38,18 @@ def _number(text: str) -> float:
     return float(text.split()[0].replace(",", ""))
 
 
+# Injected before a page's scripts: the Last-Event-ID of each event-stream request the page makes.
+RECORD_STREAMS = """
+window.__streams = [];
+const original = window.fetch;
+window.fetch = function (input, init) {
+  const headers = (init && init.headers) || {};
+  if (headers.Accept === "text/event-stream") window.__streams.push(headers["Last-Event-ID"] ?? null);
+  return original.apply(this, arguments);
+};
+"""
+
+
 def _open_form(browser: Browser) -> None:
     """The form is folded once jobs exist (open on an empty server): open it as a user would."""
     if browser.css("#new-job").get_attribute("open") is None:
@@ -323,10 +335,11 @@ def token_server(tmp_path: Path, model_root: Path) -> Any:
     server.stop()
 
 
-def test_token_is_asked_once_and_sent_as_a_bearer_header(
+def test_token_asked_once_sent_as_bearer_and_stream_resumes(
     browser: Browser, token_server: ServerProcess, model_root: Path
 ) -> None:
-    queued = ShearsClient(token_server.url, token="s3cret").submit(job_request(model_root / "tiny"))
+    client = ShearsClient(token_server.url, token="s3cret")
+    queued = client.submit(job_request(model_root / "tiny"))
     browser.get(token_server.url + "/ui")
     browser.wait(lambda _: browser.css("#token-dialog").get_attribute("open") is not None)
     time.sleep(0.3)
@@ -343,10 +356,23 @@ def test_token_is_asked_once_and_sent_as_a_bearer_header(
     browser.wait(lambda _: browser.all("#f-model"))  # the form's options load too
     assert browser.js("return sessionStorage.getItem('shears-token')") == "s3cret"
     assert browser.driver.get_cookies() == [] and browser.js("return document.cookie") == ""
-    # Asked once: another page of the same tab uses the stored token without asking.
+    # Asked once: another page of the same tab uses the stored token without asking. Its event
+    # requests are recorded, to see the stream resume after a server restart.
+    recorder = browser.driver.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_STREAMS}
+    )
     browser.get(f"{token_server.url}/ui/jobs/{queued['id']}")
+    browser.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", recorder)
     browser.wait(lambda _: _status(browser, "#job-status") == "queued")
     assert browser.css("#token-dialog").get_attribute("open") is None
+    token_server.stop()
+    token_server.start()
+    client.cancel(queued["id"])
+    browser.wait(lambda _: _status(browser, "#job-status") == "cancelled", timeout=60, message="no resume")
+    ids = [int(cell.text) for cell in browser.all("#event-log tbody td:first-child")]
+    assert ids == [event["id"] for event in client.events(queued["id"])["events"]]  # each event once
+    requests = browser.js("return window.__streams")
+    assert requests[0] is None and len(requests) >= 2 and set(requests[1:]) == {"1"}, requests
     browser.css("#signout").click()
     browser.wait(lambda _: browser.css("#token-dialog").get_attribute("open") is not None)
     assert browser.js("return sessionStorage.getItem('shears-token')") is None
