@@ -65,6 +65,7 @@ export function lineChart({ series, xLabel, yLabel, title, log = "auto", xIntege
   const figure = document.createElement("figure");
   figure.className = "chart";
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title || yLabel || "chart" });
+  root.style.maxWidth = `${width * 1.25}px`; // about natural size on a wide card; shrinks on narrow ones
   figure.append(root);
   if (!all.length) {
     root.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "muted" }, "no data yet"));
@@ -90,8 +91,9 @@ export function lineChart({ series, xLabel, yLabel, title, log = "auto", xIntege
     yMin = Math.min(0, ...ys);
     yMax = Math.max(...ys);
     if (yMax === yMin) yMax = yMin + 1;
+    const step = niceStep(yMax - yMin, 5);
+    yMax = Math.ceil(yMax / step - 1e-9) * step; // end the axis on a tick
     yTicks = linearTicks(yMin, yMax);
-    yMax = Math.max(yMax, yTicks[yTicks.length - 1]);
     toY = (y) => margin.top + plotH - ((y - yMin) / (yMax - yMin)) * plotH;
   }
   const toX = (x) => margin.left + ((x - xMin) / (xMax - xMin)) * plotW;

@@ -114,7 +114,14 @@ function drawCurves(entries) {
       points: e.manifest.blocks.map((block) => [block.index, block.output_error]),
     }));
   if (!series.length) return;
-  const chart = lineChart({ series, xLabel: "block", yLabel: "relative output error", title: `output error per block for ${series.length} jobs` });
+  const chart = lineChart({
+    series,
+    xLabel: "block",
+    yLabel: "relative output error",
+    title: `output error per block for ${series.length} jobs`,
+    width: 960,
+    height: 320,
+  });
   chart.dataset.series = String(series.length);
   document.getElementById("compare-chart").replaceChildren(chart);
   document.getElementById("curves-section").hidden = false;
