@@ -282,15 +282,22 @@ def test_labels_keyboard_and_narrow_layout(
     browser.css("#new-job summary").send_keys("\ue007")  # Enter
     assert browser.css("#new-job").get_attribute("open") is not None
     client = ShearsClient(ui_server.url)
-    jobs = client.jobs(limit=1)["jobs"] or [client.submit(job_request(extra_models / HOSTILE_NAME))]
-    job_id = jobs[0]["id"]
+    finished = client.jobs(status="succeeded", limit=1)["jobs"]
+    if not finished:  # run alone: make one
+        finished = [client.wait(client.submit(job_request(extra_models / HOSTILE_NAME))["id"], timeout=120)]
+    job_id = finished[0]["id"]
     try:
         browser.driver.set_window_size(390, 800)
         for path in ("/ui", f"/ui/jobs/{job_id}"):
             browser.get(ui_server.url + path)
-            browser.wait(lambda _: browser.all("#jobs-table tbody tr, #event-log tbody tr"))
+            browser.wait(lambda _: browser.all("#jobs-table tbody tr, #artifacts tbody tr"))
             width = browser.js("return [document.documentElement.scrollWidth, window.innerWidth]")
-            assert width[0] <= width[1], (path, width)
+            wide = browser.js(
+                """return [...document.querySelectorAll('body *')]
+                  .filter(e => e.getBoundingClientRect().right > innerWidth + 1)
+                  .slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className)"""
+            )
+            assert width[0] <= width[1], (path, width, wide)
     finally:
         browser.driver.set_window_size(1280, 800)
 
