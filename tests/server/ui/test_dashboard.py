@@ -73,6 +73,19 @@ def test_every_page_and_static_file_has_a_strict_csp(ui_server: ServerProcess) -
         assert policy["frame-ancestors"] == "'none'" and policy["object-src"] == "'none'", path
         assert response.headers["x-content-type-options"] == "nosniff", path
     assert httpx.get(ui_server.url + "/ui/jobs/..%2Fetc").status_code == 404
+    assert httpx.get(ui_server.url + "/", follow_redirects=False).headers["location"] == "/ui"
+
+
+def test_form_options_list_what_this_server_allows(
+    ui_server: ServerProcess, model_root: Path, extra_models: Path
+) -> None:
+    options = httpx.get(ui_server.url + "/ui/options").json()
+    assert options["builtin_models"] == ["smollm2-135m"]
+    local = set(options["local_models"])
+    assert {str(model_root / "tiny"), str(model_root / "medium"), str(extra_models / "tiny6")} <= local
+    assert str(extra_models / HOSTILE_NAME) in local
+    assert options["request_schema"]["required"] == ["model", "method", "sparsity"]
+    assert options["text_files"] == []  # no --text-dir given
     assert "javascript" in httpx.get(ui_server.url + "/ui/static/jobs.js").headers["content-type"]
 
 
@@ -347,6 +360,12 @@ def test_token_asked_once_sent_as_bearer_and_stream_resumes(
 ) -> None:
     client = ShearsClient(token_server.url, token="s3cret")
     queued = client.submit(job_request(model_root / "tiny"))
+    # The pages are shells anyone may load; the data behind them needs the token.
+    for path in ("/ui", f"/ui/jobs/{queued['id']}", "/ui/static/common.js"):
+        assert httpx.get(token_server.url + path).status_code == 200, path
+    assert httpx.get(token_server.url + "/ui/options").status_code == 401
+    bearer = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(token_server.url + "/ui/options", headers=bearer).status_code == 200
     browser.get(token_server.url + "/ui")
     browser.wait(lambda _: browser.css("#token-dialog").get_attribute("open") is not None)
     time.sleep(0.3)
