@@ -3,8 +3,9 @@ two real jobs, headless Chromium at 1280x800.
 
     python -m tests.server.ui.screenshots --out docs/ui
 
-writes jobs.png (the table with a finished and a running job), job-running.png, job-finished.png and
-compare.png. Needs `shears models prepare smollm2-135m` (done by `make setup`) and Chromium.
+writes jobs.png (the table with two finished jobs and a running one), job-running.png,
+job-finished.png and compare.png. Needs `shears models prepare smollm2-135m` (done by `make setup`)
+and Chromium.
 """
 
 from __future__ import annotations
@@ -67,36 +68,43 @@ def main() -> int:
     # A SIGTERM still stops the server and the browser (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="shears-screens-") as data:
-        flags = ["--max-concurrent-jobs", "1", "--min-free-disk-bytes", "0", "--log-level", "warning"]
+        flags = ["--max-concurrent-jobs", "2", "--min-free-disk-bytes", "0", "--log-level", "warning"]
         server = ServerProcess(Path(data), args=flags)
         server.start()
         browser = Browser()
         try:
             client = ShearsClient(server.url)
-            first = client.submit(request("sparsegpt", "2:4", 0.5))
-            second = client.submit(request("wanda", "unstructured", 0.5))
-            wait(lambda: client.job(first["id"])["status"] == "succeeded", args.timeout, "first job done")
+            # Two quick jobs run side by side and finish; a SparseGPT job is caught half way.
+            finished = [
+                client.submit(request("wanda", "2:4", 0.5)),
+                client.submit(request("magnitude", "unstructured", 0.5)),
+            ]
+            running = client.submit(request("sparsegpt", "2:4", 0.5))
+            for job in finished:
+                wait(
+                    lambda job=job: client.job(job["id"])["status"] == "succeeded", args.timeout, "a job done"
+                )
 
-            def pruning_half_done() -> bool:
-                job = client.job(second["id"])
+            def half_pruned() -> bool:
+                job = client.job(running["id"])
                 return job["phase"] == "pruning" and (job["progress"] or {}).get("fraction", 0) >= 0.4
 
-            wait(pruning_half_done, args.timeout, "second job half pruned")
+            wait(half_pruned, args.timeout, "the third job half pruned")
             browser.get(server.url + "/ui")
             time.sleep(2.5)
             browser.screenshot(args.out / "jobs.png")
             print(f"wrote {args.out / 'jobs.png'}", file=sys.stderr)
-            browser.get(f"{server.url}/ui/jobs/{second['id']}")
+            browser.get(f"{server.url}/ui/jobs/{running['id']}")
             time.sleep(2.5)
             full_page(browser, args.out / "job-running.png")
-            wait(lambda: client.job(second["id"])["status"] == "succeeded", args.timeout, "second job done")
-            browser.get(f"{server.url}/ui/jobs/{first['id']}")
+            browser.get(f"{server.url}/ui/jobs/{finished[0]['id']}")
             time.sleep(2.5)
             full_page(browser, args.out / "job-finished.png")
-            browser.get(f"{server.url}/ui/compare?ids={first['id']},{second['id']}")
+            browser.get(f"{server.url}/ui/compare?ids={finished[0]['id']},{finished[1]['id']}")
             time.sleep(2.5)
             full_page(browser, args.out / "compare.png")
             browser.get("about:blank")
+            client.cancel(running["id"])
         finally:
             browser.close()
             server.stop()
