@@ -210,10 +210,8 @@ def test_cancel_and_delete_from_the_job_page(
     client = ShearsClient(ui_server.url)
     job = client.submit(job_request(model_root / "medium", samples=64, seqlen=128))
     browser.get(f"{ui_server.url}/ui/jobs/{job['id']}")
-    # Cancel once pruning has started (the progress label names the phase).
-    browser.wait(
-        lambda _: browser.css("#progress-label").text.startswith("pruning"), timeout=90, message="not pruning"
-    )
+    # Cancel once a worker runs it (the page learns that from the job's event stream).
+    browser.wait(lambda _: _status(browser, "#job-status") == "running", timeout=90, message="not running")
     browser.css("#cancel-job").click()
     dialog = browser.css("#confirm-dialog")
     assert dialog.get_attribute("open") is not None
