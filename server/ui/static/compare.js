@@ -107,13 +107,22 @@ function drawTable(entries) {
 }
 
 function drawCurves(entries) {
-  const series = entries
-    .filter((e) => e.manifest?.blocks?.length)
-    .map((e) => ({
-      name: `${e.id} (${e.job.request.method}, ${e.job.request.pattern || "unstructured"}, ${describeSparsity(e.job.request)})`,
-      points: e.manifest.blocks.map((block) => [block.index, block.output_error]),
-    }));
-  if (!series.length) return;
+  const measured = (e) => e.manifest?.blocks?.some((block) => Number.isFinite(block.output_error));
+  const series = entries.filter(measured).map((e) => ({
+    name: `${e.id} (${e.job.request.method}, ${e.job.request.pattern || "unstructured"}, ${describeSparsity(e.job.request)})`,
+    points: e.manifest.blocks.map((block) => [block.index, block.output_error]),
+  }));
+  const unmeasured = entries.filter((e) => e.manifest && !measured(e)).map((e) => e.id);
+  const note = unmeasured.length
+    ? el("p", { class: "help", id: "unmeasured" }, `No per-block output error recorded for ${unmeasured.join(", ")} (a method that runs no calibration forwards).`)
+    : "";
+  if (!series.length) {
+    if (unmeasured.length) {
+      document.getElementById("compare-chart").replaceChildren(note);
+      document.getElementById("curves-section").hidden = false;
+    }
+    return;
+  }
   const chart = lineChart({
     series,
     xLabel: "block",
@@ -123,7 +132,7 @@ function drawCurves(entries) {
     height: 320,
   });
   chart.dataset.series = String(series.length);
-  document.getElementById("compare-chart").replaceChildren(chart);
+  document.getElementById("compare-chart").replaceChildren(chart, note);
   document.getElementById("curves-section").hidden = false;
 }
 

@@ -126,6 +126,11 @@ function drawTimeline() {
 
 function drawErrorChart() {
   const points = [...state.errors.entries()].sort((a, b) => a[0] - b[0]);
+  if (state.finished && points.length && !points.some(([, y]) => Number.isFinite(y))) {
+    const text = "Not measured: this job's method runs no calibration forwards.";
+    document.getElementById("error-chart").replaceChildren(el("p", { class: "muted", id: "no-error" }, text));
+    return;
+  }
   const chart = lineChart({
     series: [{ name: "", points }],
     xLabel: "block",

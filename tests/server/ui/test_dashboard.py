@@ -95,7 +95,7 @@ def test_submit_watch_inspect_download_and_compare(
     client = ShearsClient(ui_server.url)
     # The job to compare with, on a model whose name is markup: it runs beside the form's job.
     partner = client.submit(
-        job_request(extra_models / HOSTILE_NAME, pattern="unstructured", method="magnitude", samples=2)
+        job_request(extra_models / HOSTILE_NAME, pattern="unstructured", method="wanda", samples=2)
     )
 
     browser.get(ui_server.url + "/ui")
@@ -164,6 +164,9 @@ def test_submit_watch_inspect_download_and_compare(
     events = client.events(job_id)["events"]
     assert len(browser.all("#event-log tbody tr")) == len(events)
     assert browser.all("#peak-rss_mb") and browser.css("#delete-job").is_displayed()
+    # Every other manifest section is shown generically (structure, speed... when a job has them).
+    sections = {node.get_attribute("data-section") for node in browser.all("#extra details")}
+    assert {"calibration", "timings", "versions"} <= sections
     assert not browser.css("#cancel-job").is_displayed()
 
     # Download an artifact from the page: the file on disk has the sha256 the page and the API show.
@@ -184,6 +187,8 @@ def test_submit_watch_inspect_download_and_compare(
         browser.css(box).click()
     browser.css("#compare-selected").click()
     browser.wait(lambda _: browser.all('#compare-chart figure[data-series="2"]'), message="no compare chart")
+    drawn = browser.all("#compare-chart svg g.series")
+    assert [len(g.find_elements(By.CSS_SELECTOR, ".point")) for g in drawn] == [blocks, 2]
     headers = [th.get_attribute("data-job-id") for th in browser.all("#compare-table thead th[data-job-id]")]
     assert headers == [job_id, partner["id"]]
     rows = {
@@ -191,7 +196,7 @@ def test_submit_watch_inspect_download_and_compare(
         for tr in browser.all("#compare-table tbody tr")
     }
     assert _close(float(rows["Perplexity after"][0]), ppl["pruned"])
-    assert rows["Method"] == ["sparsegpt", "magnitude"] and rows["Status"] == ["succeeded", "succeeded"]
+    assert rows["Method"] == ["sparsegpt", "wanda"] and rows["Status"] == ["succeeded", "succeeded"]
 
     # The hostile model name was shown as text on every page, never parsed as markup.
     assert rows["Model"][1].endswith(HOSTILE_NAME)
