@@ -141,7 +141,9 @@ def test_submit_watch_inspect_download_and_compare(
 
     # The job page: charts and numbers match the manifest.
     browser.css(f'#jobs-table tr[data-job-id="{job_id}"] th a').click()
-    browser.wait(lambda _: browser.all("#ppl-pruned"), message="no perplexity on the job page")
+    # The live result event draws the perplexity first; the manifest's view replaces it, then the
+    # artifacts table appears: read once that is there.
+    browser.wait(lambda _: browser.all("#artifacts tbody tr"), message="the job page did not finish")
     listing = client.artifacts(job_id)
     manifest = listing["manifest"]
     ppl = manifest["perplexity"]
