@@ -247,7 +247,7 @@ export function timeline(phases, { width = 640, height = 34 } = {}) {
     const rect = svg("rect", { x, y: 4, width: w, height: height - 8, fill: PALETTE[index % PALETTE.length], class: "phase", "data-phase": phase.name });
     rect.append(svg("title", {}, `${phase.name}: ${((phase.end - phase.start) / 1000).toFixed(1)} s`));
     root.append(rect);
-    if (w > 56) {
+    if (w > phase.name.length * 7.5 + 8) { // the label fits inside its segment
       root.append(svg("text", { x: x + 4, y: height / 2 + 4, class: LIGHT.has(index % PALETTE.length) ? "on-light" : "on-dark" }, phase.name));
     }
   });

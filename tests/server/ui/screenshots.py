@@ -11,6 +11,7 @@ and Chromium.
 from __future__ import annotations
 
 import argparse
+import base64
 import signal
 import sys
 import tempfile
@@ -47,12 +48,12 @@ def wait(predicate: Any, timeout: float, what: str) -> Any:
 
 
 def full_page(browser: Browser, path: Path, max_height: int = 3200) -> None:
-    for _ in range(3):  # the layout may change height once the window is taller
-        height = browser.js("return document.documentElement.scrollHeight")
-        browser.driver.set_window_size(1280, min(max(height, 800), max_height))
-        time.sleep(0.4)
-    browser.screenshot(path)
-    browser.driver.set_window_size(1280, 800)
+    """The whole page at 1280 px wide, not just the window (Chromium's own full-page capture)."""
+    height = min(browser.js("return document.documentElement.scrollHeight"), max_height)
+    clip = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
+    options = {"captureBeyondViewport": True, "clip": clip}
+    shot = browser.driver.execute_cdp_cmd("Page.captureScreenshot", options)
+    path.write_bytes(base64.b64decode(shot["data"]))
     print(f"wrote {path}", file=sys.stderr)
 
 
