@@ -106,7 +106,7 @@ def _size_row(name: str, entry: dict[str, Any], packed_bytes: int, memory: int) 
 def load_or_pack(
     folder: Path, pattern: tuple[int, int] | None = None, names: list[str] | None = None
 ) -> tuple[dict[str, PackedWeight], str]:
-    """The folder's packed weights: from sparse*.safetensors, else packed in memory: `names` with
+    """The folder's packed weights: from packed/sparse*.safetensors, else packed in memory: `names` with
     `pattern` (n, m) if given, else what its manifest names, else what fits `pattern` (or a guessed one)."""
     if sparse_files(folder):
         return read_packed(folder), "file"
@@ -240,8 +240,8 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark the folder's packed weights; write bench.json and bench.png into it; return the result.
 
-    Without sparse*.safetensors the weights are packed in memory: `names` with `pattern` (n, m) (the
-    engine knows both), else as the manifest says, else the pattern is guessed from the weights.
+    Without packed/sparse*.safetensors the weights are packed in memory: `names` with `pattern` (n, m)
+    (the engine knows both), else as the manifest says, else the pattern is guessed from the weights.
     """
     folder = Path(folder)
     _emit(reporter, "log", "benchmarking packed weights")

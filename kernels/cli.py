@@ -11,13 +11,13 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pack = sub.add_parser("pack", help="pack a pruned folder's sparse weights into sparse.safetensors")
+    pack = sub.add_parser("pack", help="pack a pruned folder's sparse weights into packed/sparse.safetensors")
     pack.add_argument("folder", type=Path)
     pack.add_argument("--pattern", help="'N:M' or 'unstructured'; default: the folder's manifest.json")
     pack.add_argument("--max-shard-bytes", type=int, default=2 << 30, help="shard above this size")
     pack.set_defaults(func=_pack)
 
-    unpack = sub.add_parser("unpack", help="restore dense weights from a folder's sparse.safetensors")
+    unpack = sub.add_parser("unpack", help="restore dense weights from a folder's packed/sparse.safetensors")
     unpack.add_argument("folder", type=Path)
     unpack.add_argument("--out", type=Path, required=True, help="new folder to write")
     unpack.set_defaults(func=_unpack)

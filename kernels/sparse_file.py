@@ -1,4 +1,9 @@
-"""`sparse.safetensors`: the packed tensors of a pruned Hugging Face folder, next to its dense weights.
+"""`packed/sparse.safetensors`: the packed tensors of a pruned Hugging Face folder, beside its dense weights.
+
+They live in the `packed/` subfolder because loaders (vLLM, TGI, llama.cpp converters) take every
+`*.safetensors` file at the top of a folder without an index for model weights: a packed file there
+breaks them. Folders written before this layout hold the packed files at the top; both are read, and
+`shears pack` moves an old folder's to `packed/`.
 
 One file, or shards `sparse-00001-of-0000N.safetensors` + `sparse.safetensors.index.json` (like the
 dense weights) when the packed tensors exceed `max_shard_bytes`. A weight "W.weight" is stored as
@@ -28,6 +33,7 @@ from shears.kernels.formats import FORMAT_NAME, FORMAT_VERSION, PackedWeight
 from shears.kernels.registry import FORMATS, format_of, pack, unpack, validate
 from shears.kernels.safetensors_io import dtype_name, read_header, save_deterministic, tensor_bytes
 
+PACKED_DIR = "packed"
 SPARSE_FILE = "sparse.safetensors"
 SPARSE_INDEX = "sparse.safetensors.index.json"
 DENSE_INDEX = "model.safetensors.index.json"
@@ -45,15 +51,27 @@ def is_sparse_file(name: str) -> bool:
     return bool(_SPARSE_NAME.match(name))
 
 
+def _has_pack(place: Path) -> bool:
+    return (place / SPARSE_INDEX).exists() or (place / SPARSE_FILE).exists()
+
+
+def packed_place(folder: Path) -> Path:
+    """Where `folder` keeps its packed files: packed/, or the folder itself in an old-layout folder."""
+    folder = Path(folder)
+    if not _has_pack(folder / PACKED_DIR) and _has_pack(folder):
+        return folder
+    return folder / PACKED_DIR
+
+
 def sparse_files(folder: Path) -> list[Path]:
     """The packed files of `folder` (empty if it has none): the single file, or the shards of its index."""
-    folder = Path(folder)
-    if (folder / SPARSE_INDEX).exists():
-        weight_map = _read_json(folder / SPARSE_INDEX).get("weight_map")
+    place = packed_place(folder)
+    if (place / SPARSE_INDEX).exists():
+        weight_map = _read_json(place / SPARSE_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise PackedFormatError(f"{folder / SPARSE_INDEX}: no weight_map")
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    return [folder / SPARSE_FILE] if (folder / SPARSE_FILE).exists() else []
+            raise PackedFormatError(f"{place / SPARSE_INDEX}: no weight_map")
+        return [place / name for name in sorted(set(weight_map.values()))]
+    return [place / SPARSE_FILE] if (place / SPARSE_FILE).exists() else []
 
 
 def dense_tensor_files(folder: Path) -> dict[str, Path]:
@@ -83,7 +101,8 @@ def pack_folder(
     progress: Progress | None = None,
     device: str | None = None,
 ) -> list[str]:
-    """Pack the dense tensors `names` of `folder` with `pattern` into sparse*.safetensors; return the files.
+    """Pack the dense tensors `names` of `folder` with `pattern` into packed/sparse*.safetensors; return the
+    written files' names relative to `folder` (packed/sparse.safetensors, or shards and their index).
 
     Packing runs on `device` (default: the GPU when there is one; the bytes are the same either way).
 
@@ -102,12 +121,17 @@ def pack_folder(
             + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
         )
     shards: list[Path] = []
+    place = folder / PACKED_DIR
+    created = not place.exists()
+    place.mkdir(exist_ok=True)
     try:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return _pack_into(folder, ordered, sources, (n, m), max_shard_bytes, progress, shards, device)
     except BaseException:
         for part in shards:  # leave no half-written pack behind
             part.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(place, ignore_errors=True)
         raise
 
 
@@ -161,13 +185,15 @@ def _write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], inf
         "format_version": str(FORMAT_VERSION),
         "tensors": json.dumps(infos, sort_keys=True, separators=(",", ":")),
     }
-    path = folder / f".sparse-part-{index:05d}.safetensors.tmp"
+    path = folder / PACKED_DIR / f".sparse-part-{index:05d}.safetensors.tmp"
     save_deterministic(tensors, path, metadata)
     return path
 
 
 def _finish(folder: Path, parts: list[Path]) -> list[str]:
-    """Rename the written parts to their final names, write the index, remove stale sparse files."""
+    """Rename the written parts to their final names in packed/, write the index, remove stale sparse
+    files (an earlier pack's, and an old-layout folder's at the top)."""
+    place = folder / PACKED_DIR
     if len(parts) == 1:
         finals = [SPARSE_FILE]
     else:
@@ -178,20 +204,21 @@ def _finish(folder: Path, parts: list[Path]) -> list[str]:
         with _open(part) as handle:
             weight_map.update(dict.fromkeys(handle.keys(), final))
         total += part.stat().st_size
-        os.replace(part, folder / final)
+        os.replace(part, place / final)
     written = list(finals)
     if len(parts) > 1:
         index = {
             "metadata": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "total_size": total},
             "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
         }
-        atomic_write_text(folder / SPARSE_INDEX, json.dumps(index, indent=2) + "\n")
+        atomic_write_text(place / SPARSE_INDEX, json.dumps(index, indent=2) + "\n")
         written.append(SPARSE_INDEX)
-    for path in folder.iterdir():
-        if is_sparse_file(path.name) and path.name not in written:
+    for path in [*place.iterdir(), *folder.iterdir()]:
+        if is_sparse_file(path.name) and not (path.parent == place and path.name in written):
             path.unlink()
+    _fsync_dir(place)
     _fsync_dir(folder)
-    return written
+    return [f"{PACKED_DIR}/{name}" for name in written]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -320,7 +347,7 @@ def read_packed(
     wanted = set(names) if names is not None else None
     files = sparse_files(folder)
     if not files:
-        raise PackedFormatError(f"{folder}: no {SPARSE_FILE} (run `shears pack {folder}`)")
+        raise PackedFormatError(f"{folder}: no {PACKED_DIR}/{SPARSE_FILE} (run `shears pack {folder}`)")
     loaded: dict[str, PackedWeight] = {}
     for path in files:
         if not path.exists():
@@ -404,7 +431,7 @@ def _patched_copy(source: Path, target: Path, packed: dict[str, PackedWeight]) -
 
 
 def unpack_folder(folder: Path, out: Path, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Write `out`: `folder` with every packed tensor restored dense from sparse*.safetensors.
+    """Write `out`: `folder` with every packed tensor restored dense from its packed files (no packed/).
 
     Dense files are copied with each packed tensor's bytes rewritten in place, so when the folder's dense
     tensors match their packed forms the output files are byte-identical to the input's. Returns

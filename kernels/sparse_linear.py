@@ -108,7 +108,7 @@ def load_packed_model(
     dispatcher: Dispatcher | None = None,
     **from_pretrained: Any,
 ) -> nn.Module:
-    """The folder's causal LM with every packed weight served by SparseLinear from sparse*.safetensors.
+    """The folder's causal LM with every packed weight served by SparseLinear from packed/sparse*.safetensors.
 
     Builds the model from the folder on the CPU, swaps in the packed layers (their dense weights are
     dropped), then moves it to `device`: the device only ever holds packed weights.

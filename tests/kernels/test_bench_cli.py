@@ -12,7 +12,7 @@ import torch
 
 from shears.kernels import cli
 from shears.kernels.bench import run_benchmark
-from shears.kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
+from shears.kernels.sparse_file import PACKED_DIR, SPARSE_FILE, pack_folder, read_packed
 
 
 def shears(*argv: str) -> int:
@@ -42,7 +42,7 @@ def test_run_benchmark_without_gpu_reports_sizes(bf16_folder: tuple[Path, list[s
     assert sizes["total"]["ratio"] == pytest.approx(0.5625)
     assert sizes["total"]["dense_bytes"] == sum(r["dense_bytes"] for r in sizes["layers"])
     assert all(r["pattern"] == "2:4" and r["memory_bytes"] == r["packed_bytes"] for r in sizes["layers"])
-    assert sizes["files"]["sparse_files_bytes"] == (folder / SPARSE_FILE).stat().st_size
+    assert sizes["files"]["sparse_files_bytes"] == (folder / PACKED_DIR / SPARSE_FILE).stat().st_size
     checks = result["checks"]
     assert checks["mode"] == "interpreter" and checks["results"] and all(r["ok"] for r in checks["results"])
     written = json.loads((folder / "bench.json").read_text())
@@ -69,7 +69,7 @@ def test_bench_packs_in_memory_from_manifest(
     # 70% sparse fp32: 30% of the values + 1 bit per weight + row offsets
     assert 0.3 < sizes["total"]["ratio"] < 0.36
     assert all(r["memory_bytes"] > r["packed_bytes"] for r in sizes["layers"])  # + the kernels' chunk offsets
-    assert not (folder / SPARSE_FILE).exists()
+    assert not (folder / PACKED_DIR).exists()
 
 
 def test_cli_pack_detects_pattern_then_unpacks(
@@ -81,7 +81,7 @@ def test_cli_pack_detects_pattern_then_unpacks(
     assert shears("pack", str(folder)) == 2
     assert "has no manifest.json" in capsys.readouterr().err
     assert shears("pack", str(folder), "--pattern", "2:4") == 0
-    assert f"packed {len(names)} tensors (2:4) into {SPARSE_FILE}" in capsys.readouterr().out
+    assert f"packed {len(names)} tensors (2:4) into {PACKED_DIR}/{SPARSE_FILE}" in capsys.readouterr().out
     assert sorted(read_packed(folder)) == sorted(names)
     assert shears("pack", str(folder), "--pattern", "1:4") == 2
     assert "no decoder-block weight fits pattern 1:4" in capsys.readouterr().err

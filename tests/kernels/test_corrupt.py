@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from shears.kernels.errors import PackedFormatError
 from shears.kernels.formats import PackedBitmask, PackedNM, pack_bitmask, pack_nm
 from shears.kernels.registry import validate
-from shears.kernels.sparse_file import SPARSE_FILE, pack_folder, read_packed
+from shears.kernels.sparse_file import PACKED_DIR, SPARSE_FILE, pack_folder, read_packed
 
 
 def nm_weight() -> torch.Tensor:
@@ -105,8 +105,8 @@ def packed_folder(tmp_path: Path) -> Path:
 
 
 def rewrite(folder: Path, edit) -> None:
-    """Rewrite sparse.safetensors after `edit(tensors, metadata)`."""
-    path = folder / SPARSE_FILE
+    """Rewrite packed/sparse.safetensors after `edit(tensors, metadata)`."""
+    path = folder / PACKED_DIR / SPARSE_FILE
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         metadata = handle.metadata()
@@ -167,7 +167,7 @@ def test_wrong_declared_shape(packed_folder: Path) -> None:
 
 
 def test_truncated_file(packed_folder: Path) -> None:
-    path = packed_folder / SPARSE_FILE
+    path = packed_folder / PACKED_DIR / SPARSE_FILE
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(PackedFormatError, match="not a readable safetensors file"):
         read_packed(packed_folder)
@@ -175,7 +175,7 @@ def test_truncated_file(packed_folder: Path) -> None:
 
 def test_index_naming_a_missing_shard(packed_folder: Path) -> None:
     index = {"metadata": {}, "weight_map": {"layers.0.w.weight.values": "sparse-00001-of-00002.safetensors"}}
-    (packed_folder / "sparse.safetensors.index.json").write_text(json.dumps(index))
+    (packed_folder / PACKED_DIR / "sparse.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(PackedFormatError, match=r"listed in sparse\.safetensors\.index\.json but missing"):
         read_packed(packed_folder)
 
@@ -188,4 +188,4 @@ def test_pack_folder_refuses_missing_or_unfit_tensors(tmp_path: Path) -> None:
         PackedFormatError, match=r"layers\.0\.w\.weight: row 0, columns 0\.\.3 hold 4 non-zeros"
     ):
         pack_folder(tmp_path, (2, 4), ["layers.0.w.weight"])
-    assert not (tmp_path / SPARSE_FILE).exists()
+    assert not (tmp_path / SPARSE_FILE).exists() and not (tmp_path / PACKED_DIR).exists()

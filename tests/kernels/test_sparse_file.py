@@ -14,6 +14,7 @@ from safetensors import safe_open
 from shears.kernels.formats import PackedBitmask, PackedNM
 from shears.kernels.safetensors_io import save_deterministic
 from shears.kernels.sparse_file import (
+    PACKED_DIR,
     SPARSE_FILE,
     SPARSE_INDEX,
     pack_folder,
@@ -48,7 +49,7 @@ def test_pack_unpack_round_trip_is_bit_exact(
     folder = tmp_path / "packed"
     shutil.copytree(source, folder)
     pattern = (2, 4) if fixture == "pruned_24" else (0, 0)
-    assert pack_folder(folder, pattern, names) == [SPARSE_FILE]
+    assert pack_folder(folder, pattern, names) == [f"{PACKED_DIR}/{SPARSE_FILE}"]
     packed = read_packed(folder)
     assert sorted(packed) == sorted(names) and len(names) == 14  # 7 linears x 2 blocks
     kind = PackedNM if pattern == (2, 4) else PackedBitmask
@@ -58,7 +59,7 @@ def test_pack_unpack_round_trip_is_bit_exact(
     assert tensor_hashes(tmp_path / "restored") == tensor_hashes(source)
     assert sha(tmp_path / "restored" / "model.safetensors") == sha(source / "model.safetensors")  # whole file
     restored_files = {p.name for p in (tmp_path / "restored").iterdir()}
-    assert "config.json" in restored_files and SPARSE_FILE not in restored_files
+    assert "config.json" in restored_files and not restored_files & {SPARSE_FILE, PACKED_DIR}
 
 
 def test_packing_is_deterministic(pruned_24: tuple[Path, list[str]], tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_packing_is_deterministic(pruned_24: tuple[Path, list[str]], tmp_path: P
         folder = tmp_path / copy
         shutil.copytree(source, folder)
         pack_folder(folder, (2, 4), list(reversed(names)) if copy == "b" else names)
-        digests.append(sha(folder / SPARSE_FILE))
+        digests.append(sha(folder / PACKED_DIR / SPARSE_FILE))
     assert digests[0] == digests[1]
 
 
@@ -79,12 +80,13 @@ def test_sharded_pack_replaces_single_file(pruned_24: tuple[Path, list[str]], tm
     pack_folder(folder, (2, 4), names)
     single = read_packed(folder)
     files = pack_folder(folder, (2, 4), names, max_shard_bytes=20_000)
-    shards = [f for f in files if f != SPARSE_INDEX]
-    assert len(shards) > 2 and files[-1] == SPARSE_INDEX
+    place = folder / PACKED_DIR
+    shards = [f.removeprefix(f"{PACKED_DIR}/") for f in files if not f.endswith(SPARSE_INDEX)]
+    assert len(shards) > 2 and files[-1] == f"{PACKED_DIR}/{SPARSE_INDEX}"
     assert shards[0] == f"sparse-00001-of-{len(shards):05d}.safetensors"
-    assert not (folder / SPARSE_FILE).exists()  # the stale single file is gone
+    assert not (place / SPARSE_FILE).exists()  # the stale single file is gone
     assert [p.name for p in sparse_files(folder)] == shards
-    index = json.loads((folder / SPARSE_INDEX).read_text())
+    index = json.loads((place / SPARSE_INDEX).read_text())
     assert index["metadata"]["format"] == "shears.sparse" and len(index["weight_map"]) == 2 * len(names)
     sharded = read_packed(folder)
     assert sorted(sharded) == sorted(single)
@@ -93,10 +95,10 @@ def test_sharded_pack_replaces_single_file(pruned_24: tuple[Path, list[str]], tm
             torch.equal(a, b)
             for a, b in zip(single[name].tensors().values(), sharded[name].tensors().values(), strict=True)
         )
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in place.iterdir() if p.name.endswith(".tmp")]
     # and back to one file: the shards and their index are removed
-    assert pack_folder(folder, (2, 4), names) == [SPARSE_FILE]
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("sparse")) == [SPARSE_FILE]
+    assert pack_folder(folder, (2, 4), names) == [f"{PACKED_DIR}/{SPARSE_FILE}"]
+    assert sorted(p.name for p in place.iterdir()) == [SPARSE_FILE]
 
 
 def test_bf16_24_packed_bytes_at_most_057_of_dense(
@@ -115,7 +117,7 @@ def test_bf16_24_packed_bytes_at_most_057_of_dense(
         packed += entry["nbytes"]
         assert entry["nbytes"] == rows * cols // 2 * 2 + rows * cols // 16 * 2  # values + int16 metadata
     assert packed / dense == pytest.approx(0.5625)
-    raw = (folder / SPARSE_FILE).read_bytes()
+    raw = (folder / PACKED_DIR / SPARSE_FILE).read_bytes()
     header = 8 + int.from_bytes(
         raw[:8], "little"
     )  # names and metadata: a fixed cost, large only next to tiny layers
@@ -149,3 +151,50 @@ def test_unpack_restores_tensors_missing_from_dense_files(tmp_path: Path) -> Non
     assert "model-restored.safetensors" in report["files"]
     with safe_open(str(tmp_path / "out" / "model-restored.safetensors"), framework="pt") as handle:
         assert torch.equal(handle.get_tensor("layers.0.w.weight"), weight)
+
+
+def _to_old_layout(folder: Path) -> list[str]:
+    """Move packed/ files to the top of the folder, as Shears wrote them before packed/ existed."""
+    moved = []
+    for path in sorted((folder / PACKED_DIR).iterdir()):
+        path.rename(folder / path.name)
+        moved.append(path.name)
+    (folder / PACKED_DIR).rmdir()
+    return moved
+
+
+def test_packed_files_stay_out_of_the_weight_glob(pruned_24: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A loader taking every top-level *.safetensors (vLLM without an index) finds the model only."""
+    source, names = pruned_24
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    before = sorted(p.name for p in folder.glob("*.safetensors"))
+    pack_folder(folder, (2, 4), names, max_shard_bytes=20_000)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == before == ["model.safetensors"]
+    assert all(p.parent.name == PACKED_DIR for p in sparse_files(folder))
+
+
+def test_old_layout_is_read_unpacked_and_moved_by_a_new_pack(
+    pruned_24: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    source, names = pruned_24
+    folder = tmp_path / "old"
+    shutil.copytree(source, folder)
+    pack_folder(folder, (2, 4), names, max_shard_bytes=20_000)
+    current = read_packed(folder)
+    moved = _to_old_layout(folder)
+    assert SPARSE_INDEX in moved and len(moved) > 2
+    assert [p.parent for p in sparse_files(folder)] == [folder] * (len(moved) - 1)
+    old = read_packed(folder)
+    assert sorted(old) == sorted(current) and all(
+        torch.equal(old[n].values, current[n].values) for n in current
+    )
+    report = unpack_folder(folder, tmp_path / "restored")
+    assert not {p.name for p in (tmp_path / "restored").iterdir()} & set(moved)
+    assert (
+        tensor_hashes(tmp_path / "restored") == tensor_hashes(source) and report["differs_from_dense"] == []
+    )
+    # packing again lays the folder out anew: nothing packed is left at the top
+    assert pack_folder(folder, (2, 4), names) == [f"{PACKED_DIR}/{SPARSE_FILE}"]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith("sparse")]
+    assert sorted(read_packed(folder)) == sorted(names)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from shears.kernels.errors import PackedFormatError
 from shears.kernels.formats import pack_nm
-from shears.kernels.sparse_file import pack_folder
+from shears.kernels.sparse_file import PACKED_DIR, pack_folder
 from shears.kernels.sparse_linear import SparseLinear, load_packed_model, swap_in_sparse
 from tests.kernels.pruned import magnitude_prune
 
@@ -43,9 +43,15 @@ def test_packed_model_matches_dense_logits(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_model_generates_the_same_text(pruned_24: tuple[Path, list[str]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["packed/", "old: at the top"])
+def test_packed_model_generates_the_same_text(
+    layout: str, pruned_24: tuple[Path, list[str]], tmp_path: Path
+) -> None:
     source, names = pruned_24
     folder = packed_copy(source, names, (2, 4), tmp_path / "packed")
+    if layout.startswith("old"):
+        for path in (folder / PACKED_DIR).iterdir():
+            path.rename(folder / path.name)
     dense = AutoModelForCausalLM.from_pretrained(source).eval()
     packed = load_packed_model(folder)
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=2)

@@ -40,7 +40,7 @@ def check_output(folder: Path, request: PruneRequest) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
     assert verify_files(folder, manifest) == []
     listed = {entry["name"] for entry in manifest["files"]}
-    on_disk = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk
     for key in (
         "request",
@@ -173,8 +173,8 @@ def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path,
 
     request = fast_request(tiny_llama, pattern="2:4", formats=["dense", "packed"])
     manifest = prune(request, tmp_path / "out")
-    assert manifest["weights"]["packed"] == ["sparse.safetensors"]
-    packed_bytes = (tmp_path / "out" / "sparse.safetensors").stat().st_size
+    assert manifest["weights"]["packed"] == ["packed/sparse.safetensors"]
+    packed_bytes = (tmp_path / "out" / "packed" / "sparse.safetensors").stat().st_size
     assert packed_bytes < 0.6 * sum(
         4 * layer["shape"][0] * layer["shape"][1] for layer in manifest["layers"].values()
     )
@@ -182,10 +182,10 @@ def test_packed_output_and_pack_command_keep_the_manifest_true(tiny_llama: Path,
     assert plain["weights"]["packed"] == []
     assert main(["pack", str(tmp_path / "plain")]) == 0
     refreshed = json.loads((tmp_path / "plain" / "manifest.json").read_text())
-    assert refreshed["weights"]["packed"] == ["sparse.safetensors"]
+    assert refreshed["weights"]["packed"] == ["packed/sparse.safetensors"]
     assert verify_files(tmp_path / "plain", refreshed) == []
-    assert (tmp_path / "plain" / "sparse.safetensors").read_bytes() == (
-        tmp_path / "out" / "sparse.safetensors"
+    assert (tmp_path / "plain" / "packed" / "sparse.safetensors").read_bytes() == (
+        tmp_path / "out" / "packed" / "sparse.safetensors"
     ).read_bytes()
 
 
