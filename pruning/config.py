@@ -26,6 +26,7 @@ MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 OutputFormat = Literal["dense", "packed"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+RuntimeName = Literal["vllm"]  # runtimes a job can check its output in (pruning.runtimes.RUNTIMES)
 
 
 # A pattern is parsed once, here, and travels inward as a Pattern; JSON keeps the text form.
@@ -73,6 +74,11 @@ class _Request(Strict):
     device: Device = "auto"
     formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
     benchmark: bool = False
+    verify_runtimes: list[RuntimeName] = Field(
+        default_factory=list,
+        description="runtimes that must load the output and decode greedy tokens as transformers does; "
+        "the result is the manifest's `compatibility` (needs the runtime installed by the operator)",
+    )
 
     @property
     def method_options(self) -> Strict | None:
@@ -108,6 +114,8 @@ class _Request(Strict):
                 raise ValueError("OWL layer-wise sparsity applies to unstructured patterns only")
         if not self.formats:
             raise ValueError("formats must name at least one of 'dense', 'packed'")
+        if len(set(self.verify_runtimes)) != len(self.verify_runtimes):
+            raise ValueError("verify_runtimes names a runtime twice")
         return self
 
 
@@ -157,4 +165,9 @@ class EngineOptions(Strict, OperatorOptions):
     allow_local_paths: bool = Field(
         True,
         description="calibration sources may name local files (the server turns this off for HTTP users)",
+    )
+    runtime_pythons: dict[RuntimeName, str] = Field(
+        default_factory=dict,
+        description="runtime -> the Python that has it installed (vllm: bench/.venv-vllm/bin/python from "
+        "`make vllm-venv`); a job's verify_runtimes phase runs each there, never in the engine's process",
     )

@@ -26,6 +26,7 @@ from shears.pruning.models import LazyTokenizer, ResolvedModel, resolve_model
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets, owl_block_sparsities
 from shears.pruning.resources import PhaseClock, release_freed_memory, tune_malloc
+from shears.pruning.runtimes import check_configured, verify_folders
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, build_skeleton
 from shears.pruning.streaming import Batch, advance, capture_inputs, run_block
@@ -96,6 +97,7 @@ class _Job:
 
     def run(self) -> dict[str, Any]:
         request = self.request
+        check_configured(request.verify_runtimes, self.options.runtime_pythons)  # refuse before any work
         torch.manual_seed(request.calibration.seed)
         with self.clock.phase("loading", f"loading {request.model}"):
             model, skeleton, tokenizer = self._load()
@@ -151,6 +153,12 @@ class _Job:
                 benchmark = run_benchmark(
                     self.work, self.reporter, pattern=request.pattern.nm, names=pruned_names
                 )
+        compatibility = None
+        if request.verify_runtimes:
+            with self.clock.phase(
+                "verifying_runtimes", f"loading the output in {', '.join(request.verify_runtimes)}"
+            ):
+                compatibility = self._verify_runtimes()
         manifest = write_manifest(
             self.work,
             request=request,
@@ -163,10 +171,20 @@ class _Job:
             weight_files=files,
             packed_files=packed,
             benchmark=benchmark,
+            compatibility=compatibility,
             clock=self.clock.summary(),
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
+
+    def _verify_runtimes(self) -> dict[str, Any]:
+        def log(message: str) -> None:
+            self.reporter(Event("log", phase="verifying_runtimes", message=message))
+
+        sections = verify_folders(
+            [self.work], self.request.verify_runtimes, self.options.runtime_pythons, log=log
+        )
+        return next(iter(sections.values()))
 
     def _load(self) -> tuple[ResolvedModel, Skeleton, LazyTokenizer]:
         request = self.request

@@ -45,10 +45,26 @@ def copy_model_files(source: Path, dest: Path, dtype: torch.dtype | None) -> lis
     return copied
 
 
+def check_layout(folder: Path) -> None:
+    """What every loader sees is exactly the model: the top-level *.safetensors files are the weights
+    (one model.safetensors, or the shards its index names and nothing else) and nothing packed is there.
+
+    vLLM, TGI and converters take every top-level *.safetensors of a folder without an index.
+    """
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if (folder / INDEX).is_file():
+        listed = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        if found != listed:
+            raise RuntimeError(f"verification: {INDEX} lists {listed} but the folder holds {found}")
+    elif found != ["model.safetensors"]:
+        raise RuntimeError(f"verification: {len(found)} weight files {found} and no {INDEX}")
+
+
 def verify_output(folder: Path, layers: list[LayerResult], pattern: Pattern) -> None:
     """Re-read every pruned weight from disk: sparsity as recorded and the pattern holds."""
     from transformers import AutoConfig
 
+    check_layout(folder)
     AutoConfig.from_pretrained(folder)
     written = Checkpoint(folder)
     for layer in layers:
@@ -96,6 +112,7 @@ def write_manifest(
     packed_files: list[str],
     benchmark: dict[str, Any] | None,
     clock: dict[str, Any],
+    compatibility: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": "shears-manifest/1",
@@ -119,6 +136,7 @@ def write_manifest(
         "perplexity": perplexity,
         "weights": {"dense": weight_files, "packed": packed_files},
         "benchmark": benchmark,
+        "compatibility": compatibility,
         "timings": clock["seconds"],
         "total_seconds": clock["total_seconds"],
         "peak_memory": {"rss_mb": clock["peak_rss_mb"], "cuda_mb": clock["peak_cuda_mb"]},

@@ -14,6 +14,7 @@ from shears.calibration.sources import UPLOAD_ID, is_local_path, parse_hf_spec
 from shears.errors import InvalidRequest
 from shears.pruning.config import PruneRequest
 from shears.pruning.models import BUILTIN_MODELS, check_spec
+from shears.pruning.runtimes import check_configured
 from shears.server.settings import Settings
 
 _PATHLIKE_PREFIXES = ("/", ".", "~", "\\")
@@ -85,6 +86,7 @@ def check_source(spec: str, settings: Settings, upload_exists: Callable[[str], b
 def admit(request: PruneRequest, settings: Settings, upload_exists: Callable[[str], bool]) -> None:
     """Raise a shears.errors.ShearsError (its code says which) if the request may not run here."""
     check_model(request, settings)
+    check_configured(request.verify_runtimes, settings.engine_options().runtime_pythons)
     check_source(request.calibration.source, settings, upload_exists, "calibration.source")
     if request.evaluation.enabled and request.evaluation.source is not None:
         check_source(request.evaluation.source, settings, upload_exists, "evaluation.source")

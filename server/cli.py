@@ -30,6 +30,7 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model-dir", "model_dirs", {"type": Path, "action": "append", "help": "allow local models here"}),
     ("--text-dir", "text_dirs", {"type": Path, "action": "append", "help": "allow local text files here"}),
     ("--cache-dir", "cache_dir", {"type": Path}),
+    ("--vllm-python", "vllm_python", {"type": Path, "help": "Python with vLLM, for verify_runtimes"}),
     ("--worker-nice", "worker_nice", {"type": int, "help": "niceness added to workers (default 0)"}),
     ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 ]

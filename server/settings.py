@@ -34,6 +34,7 @@ _WORKER_FIELDS = (
     "worker_nice",
     "artifacts_url",
     "artifacts_options",
+    "vllm_python",
 )
 
 
@@ -113,6 +114,11 @@ class Settings(BaseSettings, OperatorOptions):
         description="niceness added to workers (the API answers within milliseconds without it; raise it "
         "to favour other processes of the machine over jobs)",
     )
+    vllm_python: Path | None = Field(
+        None,
+        description="a Python with vLLM installed (e.g. bench/.venv-vllm/bin/python from `make vllm-venv`); "
+        "jobs may ask for verify_runtimes ['vllm'] only when it is set",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("token", mode="before")
@@ -168,6 +174,7 @@ class Settings(BaseSettings, OperatorOptions):
             # Requests come from HTTP users: the engine reads local text files only where the operator
             # allowed some (admission then checks each path is inside those folders).
             allow_local_paths=bool(self.text_dirs),
+            runtime_pythons={"vllm": str(self.vllm_python)} if self.vllm_python else {},
         )
 
     def startup_problem(self) -> str | None:

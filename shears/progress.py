@@ -6,7 +6,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Phase = Literal["loading", "calibrating", "pruning", "evaluating", "saving", "verifying", "benchmarking"]
+Phase = Literal[
+    "loading",
+    "calibrating",
+    "pruning",
+    "evaluating",
+    "saving",
+    "verifying",
+    "benchmarking",
+    "verifying_runtimes",
+]
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,19 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert Settings(host="::1").startup_problem() is None
     env = Settings(data_dir=tmp_path, token="secret").worker_env()
     assert "SHEARS_TOKEN" not in env and env["SHEARS_MODEL_DIRS"] == f'["{tmp_path}/a", "{tmp_path}/b"]'
+
+
+def test_runtime_checks_follow_the_operators_vllm_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    asking = PruneRequest(model="smollm2-135m", method="magnitude", sparsity=0.5, verify_runtimes=["vllm"])
+    with pytest.raises(InvalidRequest, match="SHEARS_VLLM_PYTHON") as refused:
+        admit(asking, Settings(data_dir=tmp_path), _no_uploads)
+    assert refused.value.code == "runtime_unavailable"
+    monkeypatch.setenv("SHEARS_VLLM_PYTHON", sys.executable)
+    settings = Settings(data_dir=tmp_path)
+    admit(asking, settings, _no_uploads)
+    assert settings.engine_options().runtime_pythons == {"vllm": sys.executable}
+    assert settings.worker_env()["SHEARS_VLLM_PYTHON"] == sys.executable  # workers see the same Python

@@ -52,6 +52,8 @@ def _submit(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
         {"calibration": {"source": "builtin", "extra": 1}},
         {"ignore": ["("]},
         {"dtype": "int4"},
+        {"verify_runtimes": ["tensorrt"]},
+        {"verify_runtimes": "vllm"},
     ],
 )
 def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: dict[str, Any]) -> None:
@@ -70,6 +72,12 @@ def test_sparsity_out_of_range(http: httpx.Client, model_root: Path, sparsity: f
 def test_bad_patterns(http: httpx.Client, model_root: Path, pattern: str) -> None:
     body = {**job_request(model_root / "tiny", pattern="unstructured"), "pattern": pattern}
     _problem(_submit(http, body), 422, "validation_error")
+
+
+def test_runtime_checks_need_a_runtime_the_operator_configured(http: httpx.Client, model_root: Path) -> None:
+    body = {**job_request(model_root / "tiny"), "verify_runtimes": ["vllm"]}
+    problem = _problem(_submit(http, body), 422, "runtime_unavailable")
+    assert "SHEARS_VLLM_PYTHON" in problem["detail"] and "verify_runtimes" in problem["detail"]
 
 
 def test_pattern_and_sparsity_must_agree(http: httpx.Client, model_root: Path) -> None:
