@@ -6,7 +6,7 @@ STAMP := $(VENV)/.shears-setup
 # Source-checkout imports win over the installed (editable) copy: a git worktree sharing .venv tests itself.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test lint bench bench-peers gpu-check clean screenshots
+.PHONY: setup demo test lint bench bench-peers gpu-check vllm-venv vllm-check clean screenshots
 
 setup: $(STAMP)
 
@@ -44,9 +44,22 @@ clean:
 PEERS_VENV := bench/.venv-peers
 BENCH_PEERS_ARGS ?=
 
-bench-peers: setup
+bench-peers: setup vllm-venv
 	bash bench/peers/setup_venv.sh $(PY)
-	$(BIN)/python -m bench.peers.run --peer-python $(PEERS_VENV)/bin/python $(BENCH_PEERS_ARGS)
+	$(BIN)/python -m bench.peers.run --peer-python $(PEERS_VENV)/bin/python \
+		--vllm-python $(VLLM_VENV)/bin/python $(BENCH_PEERS_ARGS)
+
+# Runtime compatibility (issue 17): vLLM's CPU build in its own venv (it pins its own transformers),
+# stamped. `make vllm-check` (a CI step after `make test`) writes each kind of output Shears can write
+# and loads them all in vLLM: greedy tokens and logits against transformers (bench/runtimes/check.py).
+# It builds the venv itself, in the background while the outputs are written.
+VLLM_VENV := bench/.venv-vllm
+
+vllm-venv:
+	bash bench/runtimes/setup_vllm.sh $(PY)
+
+vllm-check: setup
+	$(BIN)/python -m bench.runtimes.check --vllm-python $(VLLM_VENV)/bin/python --base-python $(PY)
 
 # GPU check (issue 15): every GPU-side measurement in one command, <= 8 minutes on one H100/H200, from a
 # source checkout with nothing installed (so no `setup` here). `make gpu-check DRY=1`, or any machine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     prune.add_argument("--formats", default="dense", help="comma list of: dense, packed")
     prune.add_argument("--benchmark", action="store_true", help="time the pruned layers' kernels")
+    prune.add_argument(
+        "--verify-runtimes",
+        default="",
+        help="comma list of runtimes that must load the output (vllm); needs --vllm-python",
+    )
+    prune.add_argument(
+        "--max-shard-bytes", type=int, help="split weight files above this size (default 2 GiB)"
+    )
     prune.add_argument("--request", type=Path, help="a JSON job request; flags given here are ignored")
     prune.add_argument("--allow-pickle", action="store_true", help="allow loading .bin/.pt checkpoints")
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.add_argument("--cache-dir")
     prune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _python_flags(prune)
     prune.set_defaults(func=_prune)
+
+    verify = sub.add_parser(
+        "verify-runtimes",
+        help="load output folders in other runtimes (vLLM) and compare greedy tokens with transformers",
+    )
+    verify.add_argument("folders", type=Path, nargs="+")
+    verify.add_argument("--runtimes", default="vllm", help="comma list (default vllm)")
+    _python_flags(verify)
+    verify.set_defaults(func=_verify_runtimes)
 
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on held-out text")
     evaluate.add_argument("model", help="folder, .gguf, alias or hub id")
@@ -112,6 +131,23 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def _python_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("SHEARS_VLLM_PYTHON"),
+        help="a Python with vLLM installed (default $SHEARS_VLLM_PYTHON; `make vllm-venv` builds "
+        "bench/.venv-vllm/bin/python)",
+    )
+
+
+def _runtime_pythons(args: argparse.Namespace) -> dict[str, str]:
+    return {"vllm": args.vllm_python} if args.vllm_python else {}
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _request_from_args(args: argparse.Namespace) -> Any:
     from shears.pattern import Pattern
     from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
@@ -156,6 +192,7 @@ def _request_from_args(args: argparse.Namespace) -> Any:
         device=args.device,
         formats=[f.strip() for f in args.formats.split(",") if f.strip()],
         benchmark=args.benchmark,
+        verify_runtimes=_names(args.verify_runtimes),
     )
     options = _method_options(args)
     if options:
@@ -198,11 +235,15 @@ class ProgressBar:
 def _options(args: argparse.Namespace) -> Any:
     from shears.pruning.config import EngineOptions
 
-    return EngineOptions(
+    fields: dict[str, Any] = dict(
         cache_dir=args.cache_dir,
         allow_pickle=getattr(args, "allow_pickle", False),
         trust_remote_code=getattr(args, "trust_remote_code", False),
+        runtime_pythons=_runtime_pythons(args),
     )
+    if getattr(args, "max_shard_bytes", None):
+        fields["max_shard_bytes"] = args.max_shard_bytes
+    return EngineOptions(**fields)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -245,10 +286,38 @@ def report_text(manifest: dict[str, Any]) -> str:
             f"perplexity dense {ppl['dense']:.3f} -> pruned {ppl['pruned']:.3f} "
             f"({ppl['windows']} windows x {ppl['seqlen']} tokens, {ppl['tokens']} predicted)"
         )
+    from shears.pruning.runtimes import describe
+
+    for name, verdict in ((manifest.get("compatibility") or {}).get("runtimes") or {}).items():
+        lines.append(f"runtime    {describe(name, verdict)}")
     timings = " ".join(f"{k} {v:.1f}s" for k, v in manifest["timings"].items())
     lines.append(f"time       {manifest['total_seconds']:.1f}s ({timings})")
     lines.append(f"peak RSS   {max(manifest['peak_memory']['rss_mb'].values()):.0f} MiB")
     return "\n".join(lines)
+
+
+def _verify_runtimes(args: argparse.Namespace) -> int:
+    from shears.errors import ShearsError
+    from shears.manifest import refresh_files
+    from shears.pruning.runtimes import describe, verify_folders
+
+    try:
+        sections = verify_folders(
+            args.folders,
+            _names(args.runtimes),
+            _runtime_pythons(args),
+            log=lambda message: print(f"[shears] {message}", file=sys.stderr),
+        )
+    except ShearsError as exc:
+        print(f"shears verify-runtimes: {exc.code}: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for folder, section in zip(args.folders, sections.values(), strict=True):
+        refresh_files(folder, compatibility=section)  # a Shears folder's report says what was checked
+        for name, verdict in section["runtimes"].items():
+            print(f"{folder}: {describe(name, verdict)}")
+            failed += not verdict["ok"]
+    return 1 if failed else 0
 
 
 def _eval(args: argparse.Namespace) -> int:

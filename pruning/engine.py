@@ -142,7 +142,9 @@ class _Job:
             if "packed" in request.formats:
                 from shears.kernels.sparse_file import pack_folder
 
-                packed = pack_folder(self.work, request.pattern.nm, pruned_names)
+                packed = pack_folder(
+                    self.work, request.pattern.nm, pruned_names, max_shard_bytes=self.options.max_shard_bytes
+                )
         with self.clock.phase("verifying"):
             verify_output(self.work, layers, request.pattern)
         benchmark = None

@@ -241,15 +241,17 @@ def verify_folders(
                 verdict = compare(ref["folders"].get(key, {}), found, tolerance)
                 verdict["version"] = result.get("version")
                 sections[key]["runtimes"][name] = verdict
-                log(_line(name, key, verdict))
+                log(f"{key}: {describe(name, verdict)}")
     return sections
 
 
-def _line(name: str, folder: str, verdict: dict[str, Any]) -> str:
+def describe(name: str, verdict: dict[str, Any]) -> str:
+    """One line for a person: loaded or not, greedy tokens equal or not, logits within tolerance or not."""
     if not verdict["loaded"]:
-        return f"{name} {folder}: NOT LOADED: {str(verdict['error'])[:300]}"
+        return f"{name} {verdict.get('version') or ''}: NOT LOADED: {str(verdict['error'])[:300]}"
+    tokens = "equal" if verdict["tokens_equal"] else f"differ after {verdict['equal_prefix']}"
     return (
-        f"{name} {folder}: loaded, greedy tokens {'equal' if verdict['tokens_equal'] else 'differ'} "
-        f"(first {verdict['equal_prefix']} equal), max logprob diff {verdict['max_logprob_diff']}, "
+        f"{name} {verdict.get('version')}: loaded, greedy tokens {tokens}, max logprob diff "
+        f"{verdict['max_logprob_diff']} (tolerance {verdict['tolerance']}): "
         f"{'ok' if verdict['ok'] else 'OUT OF TOLERANCE'}"
     )

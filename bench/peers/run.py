@@ -41,6 +41,7 @@ from bench.peers.tools import (
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PEER_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
+DEFAULT_VLLM_PYTHON = REPO / "bench" / ".venv-vllm" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 PLAIN_SPARSEGPT_FLAGS = ("--refine-iterations", "0")
 
@@ -60,6 +61,9 @@ class BenchConfig(BaseModel):
     eval_seqlen: Annotated[int, Field(ge=8)] = 512
     eval_tokens: Annotated[int, Field(ge=64)] = 20480
     peer_python: Path | None = Field(DEFAULT_PEER_PYTHON, description="None or missing: Shears side only")
+    vllm_python: Path | None = Field(
+        DEFAULT_VLLM_PYTHON, description="None or missing: outputs are not loaded in vLLM (make vllm-venv)"
+    )
     work_dir: Path = REPO / "bench" / "work" / "peers"
     results_dir: Path = REPO / "bench" / "results"
     tag: str | None = Field(None, description="results file suffix; default: today's date")
@@ -74,6 +78,10 @@ class BenchConfig(BaseModel):
     @property
     def peer_available(self) -> bool:
         return self.peer_python is not None and self.peer_python.is_file()
+
+    @property
+    def vllm_available(self) -> bool:
+        return self.vllm_python is not None and self.vllm_python.is_file()
 
 
 def machine_info() -> dict[str, Any]:
@@ -243,6 +251,7 @@ class Bench:
                 self.data["commands"].append(command)
             if result.status == "ok" and evaluate:
                 result.ppl = perplexity_of_folder(out, self.eval_ids).ppl
+                result.details["compatibility"] = self._runtimes(out)
             if result.status == "ok" and not self.config.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
             self.log(
@@ -251,6 +260,15 @@ class Bench:
             )
             results.append(result)
         return results
+
+    def _runtimes(self, out: Path) -> dict[str, Any]:
+        """vLLM's verdict on an output folder, checked after the tool's measured run (its own children)."""
+        from shears.pruning.runtimes import verify_folders
+
+        if not self.config.vllm_available:
+            return {"vllm": {"checked": False, "note": f"no vLLM venv at {self.config.vllm_python}"}}
+        sections = verify_folders([out], ["vllm"], {"vllm": str(self.config.vllm_python)}, log=self.log)
+        return next(iter(sections.values()))["runtimes"]
 
     def _job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
         from shears.pattern import Pattern
@@ -398,6 +416,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
     parser.add_argument("--peer-python", type=Path, default=defaults.peer_python)
+    parser.add_argument("--vllm-python", type=Path, default=defaults.vllm_python)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
     parser.add_argument("--results-dir", type=Path, default=defaults.results_dir)
     parser.add_argument("--tag", help="results file suffix (default: today's date)")
@@ -419,6 +438,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         batch_size=args.batch_size,
         eval_tokens=args.eval_tokens,
         peer_python=args.peer_python,
+        vllm_python=args.vllm_python,
         work_dir=args.work_dir,
         results_dir=args.results_dir,
         tag=args.tag,

@@ -39,6 +39,7 @@ def bench_data(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         eval_seqlen=32,
         eval_tokens=256,
         peer_python=PEER,
+        vllm_python=None,  # vLLM has its own CI step (make vllm-check)
         work_dir=root / "work",
         results_dir=root / "results",
         tag="smoke",
@@ -92,6 +93,7 @@ def test_shears_side_and_shared_evaluation(bench_data: tuple[dict, Path]) -> Non
     assert plain["status"] == "ok" and plain["sparsity"] == 0.5 and math.isfinite(plain["ppl"])
     assert plain["details"]["argv"][-4:-2] == ["--refine-iterations", "0"]
     assert "--refine-iterations" not in ours["details"]["argv"]
+    assert ours["details"]["compatibility"] == {"vllm": {"checked": False, "note": "no vLLM venv at None"}}
 
 
 def test_peer_side_or_its_absence(bench_data: tuple[dict, Path]) -> None:

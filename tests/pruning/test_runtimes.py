@@ -14,6 +14,7 @@ from typing import get_args
 import pytest
 import transformers
 
+from shears.cli import main
 from shears.pruning.config import EngineOptions, EvaluationSpec, PruneRequest, RuntimeName
 from shears.pruning.engine import prune
 from shears.pruning.output import check_layout
@@ -77,7 +78,9 @@ def _request(tiny_llama: Path, **fields: object) -> PruneRequest:
     return fast_request(tiny_llama, method="magnitude", evaluation=EvaluationSpec(enabled=False), **fields)
 
 
-def test_unconfigured_runtime_is_refused_before_any_work(tiny_llama: Path, tmp_path: Path) -> None:
+def test_unconfigured_runtime_is_refused_before_any_work(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(RuntimeUnavailable, match=r"SHEARS_VLLM_PYTHON .* --vllm-python") as raised:
         prune(_request(tiny_llama, verify_runtimes=["vllm"]), tmp_path / "out")
     assert raised.value.code == "runtime_unavailable"
@@ -85,6 +88,9 @@ def test_unconfigured_runtime_is_refused_before_any_work(tiny_llama: Path, tmp_p
     with pytest.raises(RuntimeUnavailable, match="not an executable file"):
         prune(_request(tiny_llama, verify_runtimes=["vllm"]), tmp_path / "out", options=missing)
     assert list(tmp_path.iterdir()) == []  # no output, no partial folder
+    monkeypatch.delenv("SHEARS_VLLM_PYTHON", raising=False)
+    assert main(["verify-runtimes", str(tiny_llama)]) == 2
+    assert "runtime_unavailable: verify_runtimes asks for vllm" in capsys.readouterr().err
     with pytest.raises(ValueError, match="twice"):
         _request(tiny_llama, verify_runtimes=["vllm", "vllm"])
 

@@ -18,6 +18,7 @@ import torch
 
 from shears.client.client import ChecksumError, ShearsAPIError, ShearsClient
 from shears.client.demo import check_sparsity
+from shears.kernels.sparse_file import read_packed
 from tests.server.conftest import job_request
 
 
@@ -39,7 +40,7 @@ def _sha(data: bytes) -> str:
 def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     server = start_server()
     client = ShearsClient(server.url)
-    request = job_request(model_root / "tiny")
+    request = job_request(model_root / "tiny", formats=["dense", "packed"])
     request_file = tmp_path / "request.json"
     request_file.write_text(json.dumps(request))
 
@@ -99,11 +100,13 @@ def test_full_flow(start_server, model_root: Path, tmp_path: Path) -> None:
     listing = client.artifacts(job_id)
     names = [f["name"] for f in listing["files"]]
     assert "model.safetensors" in names and "manifest.json" in names and "config.json" in names
+    assert "packed/sparse.safetensors" in names  # one folder level: listed, downloaded, in the tar
     dest = tmp_path / "download"
     files = client.download(job_id, dest)
     for entry in files:
         assert _sha((dest / entry["name"]).read_bytes()) == entry["sha256"]
     layers = check_sparsity(dest, listing["manifest"])
+    assert sorted(read_packed(dest)) == sorted(f"{name}.weight" for name in listing["manifest"]["layers"])
     assert layers and all(abs(mean - 0.5) < 1e-6 for _, mean, _, _ in layers.values())
 
     weights = next(f for f in listing["files"] if f["name"] == "model.safetensors")
