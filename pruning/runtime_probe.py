@@ -11,8 +11,9 @@ where bf16 rounding makes their greedy paths part.
 
 RESULT: {"runtime", "version", "error", "folders": {path: {"loaded", "error", "seconds", "prompt_ids",
 "tokens": [[id, ...] per prompt], "logprobs": [[{id: logprob} per step] per prompt],
-"reference_logprobs": (vLLM) the same for the reference tokens}}}; each step's dict holds the
-`top_logprobs` likeliest tokens and the one generated (or scored).
+"eos_token_ids" (transformers), "reference_logprobs" (vLLM: the same for the reference tokens)}}};
+each step's dict holds the `top_logprobs` likeliest tokens (raw logits, before any processor) and the
+one generated (or scored).
 
 Each folder is loaded and generated from in turn, in this one process (a runtime's import is its
 largest fixed cost); a folder that fails to load is recorded, not raised. vLLM runs with no engine
@@ -87,8 +88,12 @@ def _transformers_folder(entry: dict[str, Any], spec: dict[str, Any]) -> dict[st
                 steps.append(step)
             tokens.append(new)
             logprobs.append(steps)
+    eos = model.generation_config.eos_token_id
     del model
-    return {"prompt_ids": prompts, "tokens": tokens, "logprobs": logprobs}
+    # Both runtimes hold EOS back for max_tokens steps (min_new_tokens / ignore_eos), so the token they
+    # pick is the best one but EOS: the caller leaves these out when it compares with the best.
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {"prompt_ids": prompts, "tokens": tokens, "logprobs": logprobs, "eos_token_ids": eos_ids}
 
 
 # ---------------------------------------------------------------------------------------------- vLLM

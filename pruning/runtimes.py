@@ -107,6 +107,7 @@ def compare(reference: dict[str, Any], runtime: dict[str, Any], tolerance: float
     if not verdict["loaded"]:
         return verdict
     prefixes, diffs, gaps = [], [], []
+    held_back = {str(token) for token in reference.get("eos_token_ids", [])}  # EOS waits for max_tokens
     for ref_tokens, ref_steps, run_tokens, scored in zip(
         reference["tokens"],
         reference["logprobs"],
@@ -121,7 +122,7 @@ def compare(reference: dict[str, Any], runtime: dict[str, Any], tolerance: float
                 diffs.append(float("inf"))
                 continue
             diffs.append(abs(run_step[key] - ref_step[key]))
-            gaps.append(max(run_step.values()) - run_step[key])
+            gaps.append(max(lp for t, lp in run_step.items() if t not in held_back) - run_step[key])
     verdict["equal_prefix"] = min(prefixes, default=0)
     verdict["tokens_equal"] = reference["tokens"] == runtime["tokens"]
     verdict["max_logprob_diff"] = round(max(diffs), 4) if diffs else None

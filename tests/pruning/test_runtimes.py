@@ -145,3 +145,10 @@ def test_sharded_output_has_an_index_naming_exactly_its_weight_files(
     (folder / "extra.safetensors").write_bytes((folder / shards[0]).read_bytes())
     with pytest.raises(RuntimeError, match="lists"):
         check_layout(folder)
+
+
+def test_eos_held_back_by_both_runtimes_is_not_a_better_token() -> None:
+    ref = _probe([5], [{5: -1.0, 2: -0.2}])
+    ref["eos_token_ids"] = [2]
+    verdict = compare(ref, _probe([5], [{5: -1.0, 2: -0.2}]), 0.5)
+    assert verdict["ok"] and verdict["max_top1_gap"] == 0
