@@ -179,6 +179,20 @@ def run_probe(python: Path | str, spec: dict[str, Any], work: Path, timeout_s: f
     return {"runtime": tag, "error": f"{python} {failure or 'wrote no result'}: ...{tail}", "folders": {}}
 
 
+_COMMON = {"max_tokens": MAX_TOKENS, "dtype": DTYPE, "top_logprobs": TOP_LOGPROBS, "prompts": PROMPTS}
+
+
+def _keys(folders: Sequence[Path]) -> list[str]:
+    return [str(Path(folder).resolve()) for folder in folders]
+
+
+def run_reference(folders: Sequence[Path], work: Path, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """transformers' greedy tokens and logprobs for each folder (this Python, a child process)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {**_COMMON, "runtime": "transformers", "folders": [{"path": key} for key in _keys(folders)]}
+    return run_probe(sys.executable, spec, work, timeout_s)
+
+
 def verify_folders(
     folders: Sequence[Path],
     names: Sequence[str],
@@ -188,21 +202,20 @@ def verify_folders(
     work: Path | None = None,
     timeout_s: float = PROBE_TIMEOUT_S,
     tolerance: float = LOGPROB_TOLERANCE,
+    reference: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The `compatibility` section of each folder (keyed by str(folder)) for the runtimes `names`."""
+    """The `compatibility` section of each folder (keyed by str(folder)) for the runtimes `names`.
+
+    `reference`: run_reference's result for these folders, when the caller ran it already."""
     interpreters = {name: runtime_python(name, pythons) for name in names}
-    keys = [str(Path(folder).resolve()) for folder in folders]
+    keys = _keys(folders)
     with tempfile.TemporaryDirectory(prefix="shears-runtimes-") as scratch:
         place = Path(work) if work is not None else Path(scratch)
         place.mkdir(parents=True, exist_ok=True)
-        common = {"max_tokens": MAX_TOKENS, "dtype": DTYPE, "top_logprobs": TOP_LOGPROBS, "prompts": PROMPTS}
-        log(f"transformers reference: {len(keys)} folder(s)")
-        ref = run_probe(
-            sys.executable,
-            {**common, "runtime": "transformers", "folders": [{"path": key} for key in keys]},
-            place,
-            timeout_s,
-        )
+        if reference is None:
+            log(f"transformers reference: {len(keys)} folder(s)")
+            reference = run_reference(folders, place, timeout_s)
+        ref = reference
         sections = {
             key: {
                 "reference": {
@@ -229,7 +242,7 @@ def verify_folders(
                 for key in loaded
             ]
             result = (
-                run_probe(python, {**common, "runtime": name, "folders": entries}, place, timeout_s)
+                run_probe(python, {**_COMMON, "runtime": name, "folders": entries}, place, timeout_s)
                 if entries
                 else {}
             )

@@ -3,10 +3,11 @@
     python -m bench.runtimes.check [--vllm-python bench/.venv-vllm/bin/python] [--no-build-venv]
 
 Builds bench/.venv-vllm (bench/runtimes/setup_vllm.sh) in the background while it writes one output
-folder per entry of KINDS with the `shears` commands a user would type, then loads them all in one
-vLLM process (pruning.runtimes, the same check as a job's verify_runtimes phase). Prints a line per
-kind (loaded or not, greedy tokens equal or not, logits within tolerance, seconds) and exits non-zero
-if any kind fails, if a control passes, or if vLLM cannot be installed: nothing is skipped.
+folder per entry of KINDS with the `shears` commands a user would type and runs the transformers
+reference on them, then loads them all in one vLLM process (pruning.runtimes: the same check as a
+job's verify_runtimes phase). Prints a line per kind (loaded or not, greedy tokens equal or not,
+logits within tolerance, seconds) and exits non-zero if any kind fails, if a control passes, or if
+vLLM cannot be installed: nothing is skipped.
 
 Adding an output kind (structured, MoE, VLM) is one OutputKind entry.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shears.pruning.output import check_layout
-from shears.pruning.runtimes import describe, verify_folders
+from shears.pruning.runtimes import describe, run_reference, verify_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "bench" / "runtimes" / "setup_vllm.sh"
@@ -156,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", type=Path, default=VENV / "bin" / "python")
     parser.add_argument("--no-build-venv", action="store_true", help="use --vllm-python as it is")
     parser.add_argument("--base-python", default="python3", help="Python that creates the vLLM venv")
-    parser.add_argument("--kinds", help="comma list of kind names (default: all)")
+    parser.add_argument("--kinds", help="comma list of kind names (default: all; sources come along)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    kinds = [k for k in KINDS if not args.kinds or k.name in args.kinds.split(",")]
+    wanted = set(args.kinds.split(",")) if args.kinds else {k.name for k in KINDS}
+    for kind in reversed(KINDS):  # a kind made from another one needs that one too
+        if kind.name in wanted and kind.source:
+            wanted.add(kind.source)
+    kinds = [k for k in KINDS if k.name in wanted]
     start = time.perf_counter()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -169,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             rows[kind.name] = make_kind(kind, WORK)
             print(f"[check] made {kind.name} in {rows[kind.name]['make_seconds']} s: {kind.what}", flush=True)
+        folders = [Path(rows[k.name]["folder"]) for k in kinds]
+        print(f"[check] transformers reference: {len(folders)} folder(s)", flush=True)
+        reference = run_reference(folders, WORK / "probe")  # meanwhile too: it needs only this venv
     except BaseException:
         if setup is not None:
             setup[0].terminate()
@@ -186,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"[check] FAILED: vLLM could not be installed (exit {code}); see {setup[1]}", file=sys.stderr
             )
             return 1
-    folders = [Path(rows[k.name]["folder"]) for k in kinds]
     sections = verify_folders(
         folders,
         ["vllm"],
         {"vllm": str(args.vllm_python)},
         log=lambda message: print(f"[check] {message}", flush=True),
         work=WORK / "probe",
+        reference=reference,
     )
     failures = []
     header = ("kind", "loaded", "greedy 16 tokens", "max logprob diff", "result")
