@@ -180,7 +180,10 @@ class _Job:
         return manifest
 
     def _verify_runtimes(self) -> dict[str, Any]:
+        scratch = str(self.work.resolve())  # renamed to the output folder once the job is done
+
         def log(message: str) -> None:
+            message = message.replace(scratch, "the output")
             self.reporter(Event("log", phase="verifying_runtimes", message=message))
 
         sections = verify_folders(

@@ -73,7 +73,9 @@ def runtime_python(name: str, pythons: dict[str, str]) -> Path:
             f"sets {runtime.settings} to a Python that has {runtime.package}; or drop {name!r} from "
             "verify_runtimes"
         )
-    path = Path(configured)
+    # Absolute (the probe runs in a scratch folder) but not resolved: a venv's bin/python is a symlink
+    # whose venv is found from the link's own place.
+    path = Path(configured).absolute()
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise RuntimeUnavailable(
             f"the Python configured for {name} ({configured}) is not an executable file; "

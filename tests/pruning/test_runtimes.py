@@ -18,7 +18,7 @@ from shears.cli import main
 from shears.pruning.config import EngineOptions, EvaluationSpec, PruneRequest, RuntimeName
 from shears.pruning.engine import prune
 from shears.pruning.output import check_layout
-from shears.pruning.runtimes import RUNTIMES, RuntimeUnavailable, compare
+from shears.pruning.runtimes import RUNTIMES, RuntimeUnavailable, compare, runtime_python
 from tests.pruning.test_engine import fast_request
 
 
@@ -29,6 +29,14 @@ def _probe(tokens: list[int], steps: list[dict[int, float]]) -> dict:
 
 def test_every_runtime_a_request_may_name_has_an_entry() -> None:
     assert set(get_args(RuntimeName)) == set(RUNTIMES)
+
+
+def test_a_relative_python_is_taken_from_here_not_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_python = Path(sys.executable)  # a venv's bin/python: a symlink that must stay one
+    monkeypatch.chdir(venv_python.parent)
+    found = runtime_python("vllm", {"vllm": venv_python.name})
+    assert found == Path.cwd() / venv_python.name and found.is_absolute()
+    assert found.is_symlink() == venv_python.is_symlink()
 
 
 def test_equal_tokens_and_logits_pass() -> None:
