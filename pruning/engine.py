@@ -158,7 +158,7 @@ class _Job:
         compatibility = None
         if request.verify_runtimes:
             with self.clock.phase(
-                "verifying_runtimes", f"loading the output in {', '.join(request.verify_runtimes)}"
+                "compatibility", f"loading the output in {', '.join(request.verify_runtimes)}"
             ):
                 compatibility = self._verify_runtimes()
         manifest = write_manifest(
@@ -184,7 +184,7 @@ class _Job:
 
         def log(message: str) -> None:
             message = message.replace(scratch, "the output")
-            self.reporter(Event("log", phase="verifying_runtimes", message=message))
+            self.reporter(Event("log", phase="compatibility", message=message))
 
         sections = verify_folders(
             [self.work], self.request.verify_runtimes, self.options.runtime_pythons, log=log

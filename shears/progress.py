@@ -14,7 +14,7 @@ Phase = Literal[
     "saving",
     "verifying",
     "benchmarking",
-    "verifying_runtimes",
+    "compatibility",  # the verify_runtimes phase (the store keeps phases in 16 characters)
 ]
 
 

@@ -87,3 +87,13 @@ def test_runtime_checks_follow_the_operators_vllm_python(
     admit(asking, settings, _no_uploads)
     assert settings.engine_options().runtime_pythons == {"vllm": sys.executable}
     assert settings.worker_env()["SHEARS_VLLM_PYTHON"] == sys.executable  # workers see the same Python
+
+
+def test_every_engine_phase_fits_the_store() -> None:
+    from typing import get_args
+
+    from shears.progress import Phase
+    from shears.server.models import Job, JobEvent
+
+    for column in (Job.__table__.c.phase, JobEvent.__table__.c.phase):
+        assert max(len(phase) for phase in get_args(Phase)) <= column.type.length
