@@ -9,6 +9,7 @@ from __future__ import annotations
 JOB_ERROR_CODES: dict[str, str] = {
     "invalid_request": "the request cannot be carried out as written: fix it and submit again",
     "model_unavailable": "the model names nothing that can be loaded",
+    "runtime_unavailable": "verify_runtimes names a runtime this installation has no Python for",
     "unsafe_weights": "pickle checkpoints or remote code, which the operator has not allowed",
     "out_of_memory": "the job did not fit the device's memory: fewer samples or a smaller batch",
     "worker_lost": "the worker process died or stopped answering (retried up to max_attempts)",
