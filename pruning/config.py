@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -18,6 +17,7 @@ from pydantic import (
 
 from shears.calibration.spec import CalibrationSpec, EvaluationSpec
 from shears.pattern import Pattern
+from shears.pruning.layer_regex import MAX_COUNT, MAX_LENGTH, compile_layer_regex
 from shears.pruning.methods import METHODS
 from shears.schema import Strict
 
@@ -40,6 +40,9 @@ PatternField = Annotated[
 ]
 
 
+LayerRegex = Annotated[str, Field(max_length=MAX_LENGTH)]
+
+
 class OwlSpec(Strict):
     """Outlier-weighted layer-wise sparsity (Yin et al. 2024): blocks with more outliers are pruned less."""
 
@@ -59,11 +62,15 @@ class _Request(Strict):
     pattern: PatternField = Pattern()
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
-    ignore: list[str] = Field(
-        default_factory=lambda: [r"(^|\.)lm_head$"], description="regexes of layer names"
+    ignore: list[LayerRegex] = Field(
+        default_factory=lambda: [r"(^|\.)lm_head$"],
+        max_length=MAX_COUNT,
+        description="regexes (RE2 syntax) of layer names left dense",
     )
-    overrides: dict[str, Annotated[float, Field(gt=0, lt=1)]] = Field(
-        default_factory=dict, description="regex of layer name -> sparsity (unstructured only)"
+    overrides: dict[LayerRegex, Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=dict,
+        max_length=MAX_COUNT,
+        description="regex (RE2 syntax) of layer name -> sparsity (unstructured only)",
     )
     owl: OwlSpec | None = None
     true_sequential: bool = False
@@ -72,7 +79,7 @@ class _Request(Strict):
         "auto", description="dtype of block forwards; 'auto' is bf16 on GPUs and on CPUs with AMX/AVX512-BF16"
     )
     device: Device = "auto"
-    formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"])
+    formats: list[OutputFormat] = Field(default_factory=lambda: ["dense"], min_length=1)
     benchmark: bool = False
     verify_runtimes: list[RuntimeName] = Field(
         default_factory=list,
@@ -89,14 +96,14 @@ class _Request(Strict):
     @classmethod
     def _ignore(cls, value: list[str]) -> list[str]:
         for rx in value:
-            _compile(rx, "ignore")
+            compile_layer_regex(rx, "ignore")
         return value
 
     @field_validator("overrides")
     @classmethod
     def _overrides(cls, value: dict[str, float]) -> dict[str, float]:
         for rx in value:
-            _compile(rx, "overrides")
+            compile_layer_regex(rx, "overrides")
         return value
 
     @model_validator(mode="after")
@@ -112,8 +119,6 @@ class _Request(Strict):
                 raise ValueError("per-layer sparsity overrides apply to unstructured patterns only")
             if self.owl is not None:
                 raise ValueError("OWL layer-wise sparsity applies to unstructured patterns only")
-        if not self.formats:
-            raise ValueError("formats must name at least one of 'dense', 'packed'")
         if len(set(self.verify_runtimes)) != len(self.verify_runtimes):
             raise ValueError("verify_runtimes names a runtime twice")
         return self
@@ -132,13 +137,6 @@ PruneRequest = create_model(
         if entry.options is not None
     },
 )
-
-
-def _compile(rx: str, field: str) -> re.Pattern[str]:
-    try:
-        return re.compile(rx)
-    except re.error as exc:
-        raise ValueError(f"{field}: {rx!r} is not a valid regular expression ({exc})") from exc
 
 
 class OperatorOptions(BaseModel):

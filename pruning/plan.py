@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from shears.errors import InvalidRequest
 from shears.pruning.block_pruner import collect
 from shears.pruning.config import PruneRequest
+from shears.pruning.layer_regex import compile_layer_regex
 from shears.pruning.masks import check_pattern
 from shears.pruning.owl import outlier_ratio, owl_sparsities
 from shears.pruning.skeleton import Skeleton
@@ -25,8 +24,8 @@ def layer_targets(
     its sparsity; else the block's OWL sparsity, or the request's. Regexes are searched in the full
     module name (e.g. `model.layers.3.mlp.down_proj`).
     """
-    ignore = [re.compile(rx) for rx in request.ignore]
-    overrides = [(re.compile(rx), value) for rx, value in request.overrides.items()]
+    ignore = [compile_layer_regex(rx, "ignore") for rx in request.ignore]
+    overrides = [(compile_layer_regex(rx, "overrides"), value) for rx, value in request.overrides.items()]
     pattern = request.pattern
     targets: dict[str, float | None] = {}
     for index in range(skeleton.num_blocks):

@@ -7,7 +7,8 @@ again before it starts, so a path swapped after submission gains nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shears.calibration.sources import UPLOAD_ID, is_local_path, parse_hf_spec
@@ -15,6 +16,7 @@ from shears.errors import InvalidRequest
 from shears.pruning.config import PruneRequest
 from shears.pruning.models import BUILTIN_MODELS, check_spec
 from shears.pruning.runtimes import check_configured
+from shears.server.problems import quoted
 from shears.server.settings import Settings
 
 _PATHLIKE_PREFIXES = ("/", ".", "~", "\\")
@@ -85,8 +87,22 @@ def check_source(spec: str, settings: Settings, upload_exists: Callable[[str], b
 
 def admit(request: PruneRequest, settings: Settings, upload_exists: Callable[[str], bool]) -> None:
     """Raise a shears.errors.ShearsError (its code says which) if the request may not run here."""
-    check_model(request, settings)
+    with _unusable_path("model", request.model):
+        check_model(request, settings)
     check_configured(request.verify_runtimes, settings.engine_options().runtime_pythons)
-    check_source(request.calibration.source, settings, upload_exists, "calibration.source")
+    with _unusable_path("calibration.source", request.calibration.source):
+        check_source(request.calibration.source, settings, upload_exists, "calibration.source")
     if request.evaluation.enabled and request.evaluation.source is not None:
-        check_source(request.evaluation.source, settings, upload_exists, "evaluation.source")
+        with _unusable_path("evaluation.source", request.evaluation.source):
+            check_source(request.evaluation.source, settings, upload_exists, "evaluation.source")
+
+
+@contextmanager
+def _unusable_path(field: str, spec: str) -> Iterator[None]:
+    """A name the file system refuses to look up (a part over 255 bytes: OSError; a NUL: ValueError)
+    is the user's error."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidRequest(f"{field} {quoted(spec)} cannot name a file or model here ({reason})") from exc

@@ -14,7 +14,9 @@ from shears.server import problems
 from shears.server.api import system, v1
 from shears.server.db import migrate
 from shears.server.dispatcher import Dispatcher
+from shears.server.downloads import Downloads
 from shears.server.executors import make_executor
+from shears.server.guard import Guard
 from shears.server.metrics import make_registry
 from shears.server.problems import ProblemDoc
 from shears.server.settings import Settings
@@ -27,12 +29,18 @@ _PROBLEM = {"model": ProblemDoc, "content": {"application/problem+json": {}}}
 _ERRORS = {
     status: {**_PROBLEM, "description": text}
     for status, text in (
+        (400, "malformed request (a cursor or header this server did not issue)"),
         (401, "missing or wrong bearer token"),
         (404, "no such job, upload or artifact"),
         (409, "the job is not in a state that allows this"),
+        (411, "a multipart upload without Content-Length"),
+        (413, "the request body is over its cap"),
+        (415, "an upload whose file type is not a calibration format"),
+        (416, "the byte range is outside the file"),
         (422, "invalid request (problem+json, `code` says why)"),
         (429, "the queue is full; see Retry-After"),
         (500, "internal error"),
+        (507, "not enough free disk space on the server"),
     )
 }
 
@@ -53,6 +61,7 @@ def create_app(settings: Settings | None = None, *, dispatch: bool = True) -> Fa
         app.state.storage = await run_in_threadpool(settings.artifact_storage)
         app.state.registry = make_registry(store)
         app.state.stopping = False
+        app.state.downloads = Downloads()
         # Everything loaded so far (FastAPI, SQLAlchemy, torch via the calibration package: ~250k
         # objects) lives as long as the process; a full collection walking it stalls every request
         # for a quarter of a second on a busy CPU. Freezing moves it out of the collector's sight.
@@ -83,6 +92,7 @@ def create_app(settings: Settings | None = None, *, dispatch: bool = True) -> Fa
         redoc_url=None,
     )
     problems.install(app)
+    app.add_middleware(Guard, settings=settings)
     app.include_router(system.router)
     app.include_router(v1)
     install_ui(app)

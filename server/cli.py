@@ -22,6 +22,7 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-concurrent-jobs", "max_concurrent_jobs", {"type": int, "help": "default: GPUs, or 1 without"}),
     ("--queue-cap", "queue_cap", {"type": int}),
     ("--upload-max-bytes", "upload_max_bytes", {"type": int}),
+    ("--upload-quota-bytes", "upload_quota_bytes", {"type": int}),
     ("--max-attempts", "max_attempts", {"type": int}),
     ("--lease-seconds", "lease_seconds", {"type": float}),
     ("--heartbeat-seconds", "heartbeat_seconds", {"type": float}),

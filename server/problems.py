@@ -15,7 +15,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shears.server.disk import is_disk_full
 
 log = logging.getLogger("shears.server")
 MEDIA_TYPE = "application/problem+json"
@@ -84,6 +87,16 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
 
 
+def quoted(value: str, limit: int = 80) -> str:
+    """`value` for an error message: repr'd, and cut to `limit` characters (a 100 KB id is not echoed)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
+def _instance(request: Request) -> str:
+    path = request.url.path
+    return path if len(path) <= 200 else path[:200] + "..."
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for error in exc.errors():
@@ -101,7 +114,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(
-            exc.status, exc.code, exc.detail, instance=request.url.path, headers=exc.headers, **exc.extensions
+            exc.status,
+            exc.code,
+            exc.detail,
+            instance=_instance(request),
+            headers=exc.headers,
+            **exc.extensions,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -110,7 +128,7 @@ def install(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(part for part in first["loc"] if part not in ("body",)) or "request"
         return problem_response(
-            422, "validation_error", f"{where}: {first['msg']}", instance=request.url.path, errors=errors
+            422, "validation_error", f"{where}: {first['msg']}", instance=_instance(request), errors=errors
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -118,10 +136,29 @@ def install(app: FastAPI) -> None:
         code = _CODES_BY_STATUS.get(exc.status_code, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return problem_response(
-            exc.status_code, code, detail, instance=request.url.path, headers=dict(exc.headers or {})
+            exc.status_code, code, detail, instance=_instance(request), headers=dict(exc.headers or {})
         )
+
+    async def _disk_full(request: Request, exc: Exception) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc  # not ours to answer: the handler of last resort below says 500
+        return problem_response(
+            507, "insufficient_storage", "the server's disk is full; retry later", instance=_instance(request)
+        )
+
+    # A full disk (a file write, or the job store on that disk) is the server's condition, not a bug.
+    app.add_exception_handler(OSError, _disk_full)
+    app.add_exception_handler(SQLAlchemyError, _disk_full)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "internal", "internal server error", instance=request.url.path)
+        # Starlette re-raises the exception after this answer (the ASGI server logs its traceback and
+        # drops the connection): say so, or a client would reuse a connection that is going away.
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, quoted(request.url.path))
+        return problem_response(
+            500,
+            "internal",
+            "internal server error",
+            instance=_instance(request),
+            headers={"Connection": "close"},
+        )

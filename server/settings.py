@@ -92,6 +92,9 @@ class Settings(BaseSettings, OperatorOptions):
     queue_cap: Annotated[int, Field(ge=1)] = 100
     token: SecretStr | None = Field(None, description="bearer token; required on a non-loopback bind")
     upload_max_bytes: Annotated[int, Field(ge=1)] = 64 << 20
+    upload_quota_bytes: Annotated[int, Field(ge=0)] = Field(
+        4 << 30, description="bytes all calibration uploads together may hold (DELETE frees them)"
+    )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     lease_seconds: Annotated[float, Field(gt=0)] = 30.0
     heartbeat_seconds: Annotated[float, Field(gt=0)] = 5.0

@@ -9,6 +9,7 @@ for calibration uploads, so workers on any host can fetch them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -68,6 +69,10 @@ class RemoteArtifacts:
 
     def store_upload(self, local: Path) -> None:
         self.fs.put_file(str(local), self._path("uploads", local.name))
+
+    def remove_upload(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path("uploads", name))
 
     def exists(self, job_id: str, artifact_dir: str) -> bool:
         self.fs.invalidate_cache()  # another server may have deleted the job since this one listed it

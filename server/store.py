@@ -61,6 +61,10 @@ def request_hash(request: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _sources(request: dict[str, Any]) -> tuple[Any, Any]:
+    return (request.get("calibration") or {}).get("source"), (request.get("evaluation") or {}).get("source")
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     owned: bool
@@ -375,8 +379,11 @@ class Store:
         with self._read() as session:
             return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.id)))
 
-    def recover_lost(self, job_id: str, attempt: int, reason: str) -> str | None:
-        """The attempt's worker is gone: re-queue the job, or fail it with worker_lost after max_attempts."""
+    def recover_lost(self, job_id: str, attempt: int, reason: str, *, counts: bool = True) -> str | None:
+        """The attempt's worker is gone: re-queue the job, or fail it with worker_lost after max_attempts.
+
+        `counts=False`: the worker handed the job back (it was stopped, not lost): it is re-queued and
+        the attempt does not count against max_attempts (which grows by one to make room for it)."""
         with self._write() as session:
             job = session.scalar(
                 select(Job)
@@ -391,6 +398,12 @@ class Store:
             if job.cancel_requested:
                 job.status, job.finished_at = CANCELLED, now
                 self._state_event(session, job, CANCELLED, f"cancelled ({reason})")
+            elif not counts:
+                job.status, job.max_attempts = QUEUED, job.max_attempts + 1
+                job.phase = job.phase_started_at = job.progress_done = job.progress_total = None
+                self._state_event(
+                    session, job, QUEUED, f"handed back ({reason}); re-queued, the attempt does not count"
+                )
             elif job.attempt < job.max_attempts:
                 job.status = QUEUED
                 job.phase = job.phase_started_at = job.progress_done = job.progress_total = None
@@ -403,8 +416,9 @@ class Store:
             return job.status
 
     def requeue(self, job_id: str, attempt: int, reason: str) -> bool:
-        """A worker interrupted by a server shutdown hands its job back to the queue."""
-        return self.recover_lost(job_id, attempt, reason) == QUEUED
+        """A worker stopped from outside (a server shutdown) hands its job back; that attempt does not
+        count."""
+        return self.recover_lost(job_id, attempt, reason, counts=False) == QUEUED
 
     def finish(
         self,
@@ -436,7 +450,8 @@ class Store:
             if status == SUCCEEDED:
                 job.manifest, job.artifact_dir, job.model_revision = manifest, artifact_dir, model_revision
                 job.manifest_file = manifest_file
-                job.phase_started_at = None
+                # Done: no phase is under way (a failed or cancelled job keeps the phase it stopped in).
+                job.phase = job.phase_started_at = job.progress_done = job.progress_total = None
                 self._state_event(session, job, SUCCEEDED, "succeeded")
             elif status == FAILED:
                 job.error_code, job.error_message = error_code or "internal", error_message or ""
@@ -456,3 +471,18 @@ class Store:
     def get_upload(self, upload_id: str) -> Upload | None:
         with self._read() as session:
             return session.get(Upload, upload_id)
+
+    def upload_bytes(self) -> int:
+        with self._read() as session:
+            return int(session.scalar(select(func.coalesce(func.sum(Upload.size), 0))) or 0)
+
+    def delete_upload(self, upload_id: str) -> bool:
+        with self._write() as session:
+            return session.execute(delete(Upload).where(Upload.id == upload_id)).rowcount == 1
+
+    def jobs_using_upload(self, upload_id: str) -> list[str]:
+        """Queued or running jobs that read the upload (as calibration or evaluation source)."""
+        source = f"upload:{upload_id}"
+        with self._read() as session:
+            rows = session.execute(select(Job.id, Job.request).where(Job.status.in_((QUEUED, *ACTIVE))))
+            return [job_id for job_id, request in rows if source in _sources(request)]

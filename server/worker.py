@@ -23,6 +23,7 @@ from typing import Any
 
 from shears.errors import JOB_ERROR_CODES, ShearsError
 from shears.progress import Event
+from shears.server.disk import is_disk_full
 from shears.server.models import ACTIVE, CANCELLED, FAILED, SUCCEEDED
 from shears.server.settings import Settings
 from shears.server.store import Store
@@ -143,7 +144,13 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
         if isinstance(exc, MemoryError):
             code = "out_of_memory"
         message = str(exc) if isinstance(exc, ShearsError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, ShearsError):
+        if is_disk_full(exc):  # the server's condition, not a bug: say what to do about it
+            code = "out_of_disk"
+            message = (
+                f"the server's disk filled up while the job ran ({message}); its partial output was "
+                "removed; free disk space, then submit the job again"
+            )
+        elif not isinstance(exc, ShearsError):
             traceback.print_exc()
             store.add_event(
                 job_id, attempt, "log", message="traceback", data={"traceback": traceback.format_exc()}

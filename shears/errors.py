@@ -12,6 +12,7 @@ JOB_ERROR_CODES: dict[str, str] = {
     "runtime_unavailable": "verify_runtimes names a runtime this installation has no Python for",
     "unsafe_weights": "pickle checkpoints or remote code, which the operator has not allowed",
     "out_of_memory": "the job did not fit the device's memory: fewer samples or a smaller batch",
+    "out_of_disk": "the server's disk filled up while the job ran: retry once space is freed",
     "worker_lost": "the worker process died or stopped answering (retried up to max_attempts)",
     "internal": "a failure of Shears or of the machine, not of the request",
 }

@@ -1,23 +1,27 @@
 """/v1/jobs/{id}/artifacts: the manifest, single files (HTTP Range, ETag = sha256) and a tar of all.
 
-Files are served from <data_dir>/jobs, or, with --artifacts URL, streamed from that storage with the
-same Range, If-Range, If-None-Match and ETag behaviour (server.ranges)."""
+Files are served from <data_dir>/jobs, or, with --artifacts URL, streamed from that storage, with the
+same Range, If-Range, If-None-Match, ETag and HEAD behaviour either way (server.ranges). Downloads in
+flight are counted (server.downloads), so deleting the job does not cut them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from shears.server import artifacts, ranges
 from shears.server.api.jobs import JobId, find_job
 from shears.server.deps import SettingsDep, StoreDep
+from shears.server.downloads import DownloadResponse, Downloads
 from shears.server.models import SUCCEEDED, Job
-from shears.server.problems import Problem
+from shears.server.problems import Problem, quoted
 from shears.server.schemas import ArtifactFile, ArtifactList
 from shears.server.settings import Settings
 from shears.server.storage import RemoteArtifacts
@@ -68,15 +72,18 @@ def list_artifacts(job_id: JobId, request: Request, settings: SettingsDep, store
     return ArtifactList(files=files, archive=f"/v1/jobs/{job.id}/artifacts.tar", manifest=job.manifest)
 
 
-@router.get(
+def _downloads(request: Request) -> Downloads:
+    return request.app.state.downloads
+
+
+@router.api_route(
     "/{job_id}/artifacts.tar",
+    methods=["GET", "HEAD"],
     summary="All files as one uncompressed tar (streamed)",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}},
 )
-async def archive(
-    job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep
-) -> StreamingResponse:
+async def archive(job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep) -> Response:
     storage = _storage(request)
     job, folder = await run_in_threadpool(_folder, settings, store, job_id, storage)
     assert job.manifest is not None and job.artifact_dir is not None
@@ -85,6 +92,8 @@ async def archive(
         "Content-Length": str(artifacts.tar_size(files)),
         "Content-Disposition": f'attachment; filename="{job.id}.tar"',
     }
+    if request.method == "HEAD":
+        return Response(media_type="application/x-tar", headers=headers)
     if storage is not None:
         artifact_dir = job.artifact_dir
         stream = artifacts.tar_stream(
@@ -92,14 +101,21 @@ async def archive(
         )
     else:
         stream = artifacts.tar_stream(folder, files, job.id)
-    return StreamingResponse(stream, media_type="application/x-tar", headers=headers)
+    return DownloadResponse(
+        _downloads(request), job.id, stream, media_type="application/x-tar", headers=headers
+    )
 
 
-@router.get(
+@router.api_route(
     "/{job_id}/artifacts/{name:path}",
-    summary="One file; supports Range and If-None-Match",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a byte range"}},
+    methods=["GET", "HEAD"],
+    summary="One file; supports Range, If-Range and If-None-Match",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "a byte range"},
+        304: {"description": "If-None-Match matched the ETag"},
+    },
 )
 async def download(
     job_id: JobId,
@@ -108,6 +124,8 @@ async def download(
     settings: SettingsDep,
     store: StoreDep,
     if_none_match: Annotated[str | None, Header(max_length=200)] = None,
+    range_header: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
+    if_range: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     storage = _storage(request)
     job, folder = await run_in_threadpool(_folder, settings, store, job_id, storage)
@@ -116,25 +134,23 @@ async def download(
     entry = next((f for f in files if f["name"] == name), None)
     if entry is None:
         raise Problem(
-            404, "not_found", f"job {job.id} has no artifact {name!r}; see /v1/jobs/{job.id}/artifacts"
+            404, "not_found", f"job {job.id} has no artifact {quoted(name)}; see /v1/jobs/{job.id}/artifacts"
         )
-    etag = f'"{entry["sha256"]}"'
-    if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
     if storage is not None:
         artifact_dir = job.artifact_dir
-        return ranges.ranged_response(
-            lambda start, length: storage.read(job.id, artifact_dir, entry["name"], start, length),
-            size=entry["size"],
-            etag=etag,
-            filename=Path(entry["name"]).name,
-            range_header=request.headers.get("range"),
-            if_range=request.headers.get("if-range"),
-        )
-    path = folder / entry["name"]  # the name comes from the manifest, never from the URL
-    return FileResponse(
-        path,
-        media_type="application/octet-stream",
+
+        def read(start: int, length: int | None) -> Iterator[bytes]:
+            return storage.read(job.id, artifact_dir, entry["name"], start, length)
+    else:
+        read = ranges.read_file(folder / entry["name"])  # the name comes from the manifest, not the URL
+    return ranges.ranged_response(
+        read,
+        size=entry["size"],
+        etag=f'"{entry["sha256"]}"',
         filename=Path(entry["name"]).name,
-        headers={"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"},
+        range_header=range_header,
+        if_range=if_range,
+        if_none_match=if_none_match,
+        head=request.method == "HEAD",
+        stream=partial(DownloadResponse, _downloads(request), job.id),
     )

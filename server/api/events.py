@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
@@ -11,9 +12,24 @@ from starlette.concurrency import run_in_threadpool
 from shears.server import events
 from shears.server.api.jobs import JobId, find_job
 from shears.server.deps import StoreDep
+from shears.server.problems import Problem
 from shears.server.schemas import EventList, event_out
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
+_EVENT_ID = re.compile(r"[0-9]{1,10}")
+MAX_EVENT_ID = 2**31
+
+
+def _event_id(header: str) -> int:
+    """Last-Event-ID as an event id: ASCII digits, at most 2^31 (the largest `after`)."""
+    text = header.strip()
+    if not _EVENT_ID.fullmatch(text) or int(text) > MAX_EVENT_ID:
+        raise Problem(
+            400,
+            "bad_last_event_id",
+            f"Last-Event-ID must be an event id this server sent (an integer from 0 to {MAX_EVENT_ID})",
+        )
+    return int(text)
 
 
 @router.get(
@@ -31,15 +47,18 @@ async def job_events(
     job_id: JobId,
     request: Request,
     store: StoreDep,
-    after: Annotated[int, Query(ge=0, le=2**31, description="return events with a larger id")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="return events with a larger id")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=20, description="the last event id received (SSE resume)"),
+    ] = None,
     accept: Annotated[str | None, Header(max_length=1000)] = None,
 ) -> EventList | StreamingResponse:
     job = await run_in_threadpool(find_job, store, job_id)
     if accept and "text/event-stream" in accept:
-        if last_event_id and last_event_id.strip().isdigit():
-            after = max(after, int(last_event_id.strip()))
+        if last_event_id is not None and last_event_id.strip():
+            after = max(after, _event_id(last_event_id))
         return StreamingResponse(
             events.stream(request, store, job.id, after),
             media_type="text/event-stream",

@@ -16,7 +16,7 @@ from shears.pruning.config import PruneRequest
 from shears.server.admission import admit
 from shears.server.deps import DispatcherDep, SettingsDep, StoreDep
 from shears.server.models import TERMINAL, Job
-from shears.server.problems import Problem
+from shears.server.problems import Problem, quoted
 from shears.server.schemas import JobList, JobOut, Status, job_out
 from shears.server.store import IdempotencyConflict, NotTerminal, QueueFull, Store
 
@@ -39,7 +39,7 @@ IdempotencyKey = Annotated[
 def find_job(store: Store, job_id: str) -> Job:
     job = store.get_job(job_id) if len(job_id) <= 64 else None
     if job is None:
-        raise Problem(404, "not_found", f"no job {job_id!r}")
+        raise Problem(404, "not_found", f"no job {quoted(job_id)}")
     return job
 
 
@@ -88,6 +88,10 @@ def submit(
             f"Idempotency-Key {idempotency_key!r} was used with a different request",
         ) from exc
     except QueueFull as exc:
+        if settings.concurrency == 0:  # draining: the queue moves only once an operator resumes it
+            raise Problem(
+                429, "queue_full", f"{exc}, and this server starts no jobs (max concurrent jobs is 0)"
+            ) from exc
         retry = _retry_after(store, exc.depth, settings.concurrency)
         raise Problem(
             429, "queue_full", f"{exc}; retry in {retry} s", headers={"Retry-After": str(retry)}
@@ -101,7 +105,7 @@ def submit(
 def _retry_after(store: Store, depth: int, concurrency: int) -> int:
     finished = [seconds for _, seconds in store.durations()[-50:]]
     typical = sum(finished) / len(finished) if finished else 60.0
-    return int(min(3600, max(5, typical * depth / max(1, concurrency))))
+    return int(min(3600, max(5, typical * depth / concurrency)))
 
 
 def _decode_cursor(cursor: str) -> str:
@@ -146,7 +150,7 @@ def cancel(job_id: JobId, store: StoreDep) -> JobOut:
     find_job(store, job_id)
     job = store.request_cancel(job_id)
     if job is None:
-        raise Problem(404, "not_found", f"no job {job_id!r}")
+        raise Problem(404, "not_found", f"no job {quoted(job_id)}")
     return job_out(job)
 
 
@@ -159,7 +163,13 @@ async def delete(job_id: JobId, request: Request, store: StoreDep, settings: Set
         await run_in_threadpool(store.delete_job, job_id)
     except NotTerminal as exc:
         raise Problem(409, "conflict", f"job {job_id} is {exc}; cancel it first") from exc
-    await run_in_threadpool(shutil.rmtree, settings.jobs_dir / job.id, True)
-    if request.app.state.storage is not None:
-        await run_in_threadpool(request.app.state.storage.remove, job.id)
+    storage = request.app.state.storage
+
+    def remove_files() -> None:
+        shutil.rmtree(settings.jobs_dir / job.id, True)
+        if storage is not None:
+            storage.remove(job.id)
+
+    # Downloads of the job that have begun finish first; its files go when the last one ends.
+    await run_in_threadpool(request.app.state.downloads.remove_when_idle, job.id, remove_files)
     return Response(status_code=204)

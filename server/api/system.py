@@ -8,14 +8,15 @@ import shutil
 from importlib import metadata
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from shears.server import metrics
 from shears.server.db import schema_is_current
-from shears.server.deps import SettingsDep, StoreDep, require_token
+from shears.server.deps import Authorized, SettingsDep, StoreDep
+from shears.server.disk import probe_write
 
 router = APIRouter(tags=["system"])
 
@@ -41,11 +42,13 @@ def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     data = settings.data_dir
     checks["data_dir"] = "ok" if data.is_dir() and os.access(data, os.W_OK) else f"{data} is not writable"
     free = shutil.disk_usage(data).free if data.is_dir() else 0
-    checks["disk"] = (
-        "ok"
-        if free >= settings.min_free_disk_bytes
-        else (f"{free} bytes free, below the minimum of {settings.min_free_disk_bytes}")
-    )
+    unwritable = probe_write(data) if checks["data_dir"] == "ok" else None
+    if free < settings.min_free_disk_bytes:
+        checks["disk"] = f"{free} bytes free, below the minimum of {settings.min_free_disk_bytes}"
+    elif unwritable is not None:
+        checks["disk"] = f"a small file cannot be written ({unwritable})"
+    else:
+        checks["disk"] = "ok"
     ready = all(value == "ok" for value in checks.values())
     body = {"status": "ready" if ready else "not ready", "checks": checks}
     if not ready:
@@ -60,7 +63,7 @@ def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/version", summary="Server and API versions")
+@router.get("/version", summary="Server and API versions", dependencies=[Authorized])
 def version(request: Request, settings: SettingsDep) -> dict[str, str]:
     try:
         release = metadata.version("shears")
@@ -78,7 +81,7 @@ def version(request: Request, settings: SettingsDep) -> dict[str, str]:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
-    dependencies=[Depends(require_token)],
+    dependencies=[Authorized],
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )

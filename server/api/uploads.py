@@ -15,14 +15,18 @@ import struct
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from shears.calibration.sources import SUFFIXES
+from shears.calibration.sources import SUFFIXES, UPLOAD_ID
 from shears.server.deps import SettingsDep, StoreDep
-from shears.server.problems import Problem
+from shears.server.disk import free_bytes
+from shears.server.models import Upload
+from shears.server.problems import Problem, quoted
 from shears.server.schemas import UploadOut, upload_out
-from shears.server.store import new_id
+from shears.server.settings import Settings
+from shears.server.storage import RemoteArtifacts
+from shears.server.store import Store, new_id
 
 router = APIRouter(prefix="/v1/calibration", tags=["calibration"])
 _MULTIPART_OVERHEAD = 64 << 10
@@ -120,6 +124,7 @@ async def upload(
         raise Problem(413, "payload_too_large", f"uploads are capped at {cap} bytes")
     if multipart and declared is None:
         raise Problem(411, "length_required", "multipart uploads need a Content-Length; or send the raw body")
+    await run_in_threadpool(_check_room, settings, store, int(declared or 0))
     upload_id = new_id("u")
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     temporary = settings.uploads_dir / f".{upload_id}.partial"
@@ -146,22 +151,83 @@ async def upload(
             os.fsync(out.fileno())
         suffix = _suffix(filename)
         await run_in_threadpool(_check_content, temporary, suffix)
+        await run_in_threadpool(_check_quota, settings, store, size)  # a chunked body declared no size
         stored = settings.uploads_dir / f"{upload_id}{suffix}"
         os.replace(temporary, stored)
-        storage = request.app.state.storage
-        if storage is not None:  # workers on other hosts fetch it from there
-            await run_in_threadpool(storage.store_upload, stored)
     finally:
         temporary.unlink(missing_ok=True)
-    record = await run_in_threadpool(
-        store.add_upload, upload_id, Path(filename).name[:255], size, digest.hexdigest()
-    )
+    storage = request.app.state.storage
+    try:
+        if storage is not None:  # workers on other hosts fetch it from there
+            await run_in_threadpool(storage.store_upload, stored)
+        record = await run_in_threadpool(
+            store.add_upload, upload_id, Path(filename).name[:255], size, digest.hexdigest()
+        )
+    except BaseException:  # no file without its record (a full disk can refuse the record)
+        await run_in_threadpool(_remove_files, settings, storage, upload_id)
+        raise
     return upload_out(record)
+
+
+def _check_room(settings: Settings, store: Store, incoming: int) -> None:
+    """The free-disk minimum and the uploads quota hold with `incoming` more bytes stored."""
+    free = free_bytes(settings.uploads_dir)
+    if free - incoming < settings.min_free_disk_bytes:
+        raise Problem(
+            507,
+            "insufficient_storage",
+            f"the server's disk has {free} bytes free and keeps {settings.min_free_disk_bytes} free; "
+            f"an upload of {incoming} bytes does not fit",
+        )
+    _check_quota(settings, store, incoming)
+
+
+def _check_quota(settings: Settings, store: Store, incoming: int) -> None:
+    used = store.upload_bytes()
+    if used + incoming > settings.upload_quota_bytes:
+        raise Problem(
+            507,
+            "quota_exceeded",
+            f"uploads hold {used} bytes of their {settings.upload_quota_bytes}-byte quota; this one needs "
+            f"{incoming} more (DELETE /v1/calibration/<id> frees uploads no job needs any more)",
+        )
+
+
+def _remove_files(settings: Settings, storage: RemoteArtifacts | None, upload_id: str) -> None:
+    for path in settings.uploads_dir.glob(f"{upload_id}.*"):
+        path.unlink(missing_ok=True)
+        if storage is not None:
+            storage.remove_upload(path.name)
+
+
+def _find_upload(store: Store, upload_id: str) -> Upload:
+    record = store.get_upload(upload_id) if UPLOAD_ID.fullmatch(upload_id) else None
+    if record is None:
+        raise Problem(404, "not_found", f"no upload {quoted(upload_id)}")
+    return record
 
 
 @router.get("/{upload_id}", response_model=UploadOut, summary="An uploaded calibration file's record")
 def get_upload(upload_id: str, store: StoreDep) -> UploadOut:
-    record = store.get_upload(upload_id) if len(upload_id) <= 64 else None
-    if record is None:
-        raise Problem(404, "not_found", f"no upload {upload_id!r}")
-    return upload_out(record)
+    return upload_out(_find_upload(store, upload_id))
+
+
+@router.delete(
+    "/{upload_id}",
+    status_code=204,
+    summary="Delete an upload no queued or running job reads (frees its quota and disk space)",
+)
+def delete_upload(upload_id: str, request: Request, settings: SettingsDep, store: StoreDep) -> Response:
+    record = _find_upload(store, upload_id)
+    using = store.jobs_using_upload(record.id)
+    if using:
+        raise Problem(
+            409,
+            "conflict",
+            f"upload {record.id} is read by {len(using)} queued or running job(s) ({', '.join(using[:5])}); "
+            "cancel them or let them finish first",
+        )
+    # The file first: on a full disk its space is what lets the store record the deletion.
+    _remove_files(settings, request.app.state.storage, record.id)
+    store.delete_upload(record.id)
+    return Response(status_code=204)

@@ -267,14 +267,45 @@ def test_system_endpoints(http: httpx.Client) -> None:
     assert "/v1/jobs/{job_id}/artifacts/{name}" in http.get("/openapi.json").json()["paths"]
 
 
-def test_queue_cap(start_server, model_root: Path) -> None:
-    server = start_server("--max-concurrent-jobs", "0", "--queue-cap", "2")
+def test_queue_cap_and_upload_quota(start_server, model_root: Path) -> None:
+    server = start_server("--max-concurrent-jobs", "0", "--queue-cap", "2", "--upload-quota-bytes", "3000")
     http = httpx.Client(base_url=server.url)
     for _ in range(2):
         assert _submit(http, job_request(model_root / "tiny")).status_code == 202
     full = _problem(_submit(http, job_request(model_root / "tiny")), 429, "queue_full")
     assert "queue" in full["detail"]
-    assert int(_submit(http, job_request(model_root / "tiny")).headers["retry-after"]) >= 5
+    # Draining (no job starts): no time to promise (issue 14: it said 180 s).
+    drained = _submit(http, job_request(model_root / "tiny"))
+    assert "retry-after" not in drained.headers and "starts no jobs" in drained.json()["detail"]
+
+    # Uploads have a quota (issue 14, item 11); DELETE frees it, but not while a queued job reads it.
+    first = http.post("/v1/calibration", content=b"a" * 2000)
+    assert first.status_code == 201
+    over = _problem(http.post("/v1/calibration", content=b"b" * 1500), 507, "quota_exceeded")
+    assert "DELETE" in over["detail"]
+    upload_id = first.json()["id"]
+    body = job_request(model_root / "tiny")
+    body["calibration"]["source"] = first.json()["source"]
+    newest = http.get("/v1/jobs").json()["jobs"][0]["id"]
+    assert http.post(f"/v1/jobs/{newest}/cancel").status_code == 202  # room in the queue
+    reader = _submit(http, body).json()
+    _problem(http.delete(f"/v1/calibration/{upload_id}"), 409, "conflict")
+    http.post(f"/v1/jobs/{reader['id']}/cancel")
+    assert http.delete(f"/v1/calibration/{upload_id}").status_code == 204
+    _problem(http.get(f"/v1/calibration/{upload_id}"), 404, "not_found")
+    assert not list((server.data_dir / "uploads").glob(f"{upload_id}*"))
+    assert http.post("/v1/calibration", content=b"b" * 1500).status_code == 201
+
+
+def test_queue_full_says_when_to_retry(start_server, model_root: Path) -> None:
+    server = start_server("--queue-cap", "1")
+    http = httpx.Client(base_url=server.url)
+    answers = [_submit(http, job_request(model_root / "tiny")) for _ in range(3)]
+    full = [a for a in answers if a.status_code == 429]
+    assert full and 5 <= int(full[0].headers["retry-after"]) <= 3600
+    for answer in answers:
+        if answer.status_code == 202:
+            http.post(f"/v1/jobs/{answer.json()['id']}/cancel")
 
 
 def test_low_disk(start_server, model_root: Path) -> None:
@@ -283,3 +314,6 @@ def test_low_disk(start_server, model_root: Path) -> None:
     _problem(_submit(http, job_request(model_root / "tiny")), 507, "insufficient_storage")
     ready = http.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["disk"] != "ok"
+    # Uploads keep the free-disk minimum too (issue 14, item 11).
+    _problem(http.post("/v1/calibration", content=b"text " * 10), 507, "insufficient_storage")
+    assert not list((server.data_dir / "uploads").iterdir())

@@ -132,7 +132,8 @@ def test_lease_expiry_requeues_a_silent_worker(tmp_path: Path, model_root: Path)
 
 
 def test_graceful_stop_hands_the_job_back(start_server, model_root: Path) -> None:
-    server = start_server()
+    """Issue 14, item 10: a graceful restart does not use up an attempt, even the only one."""
+    server = start_server("--max-attempts", "1")
     client = ShearsClient(server.url)
     job = client.submit(medium_job(model_root))
     wait_for_event(client, job["id"], lambda e: e["kind"] == "phase" and e["phase"] == "pruning")
@@ -140,9 +141,11 @@ def test_graceful_stop_hands_the_job_back(start_server, model_root: Path) -> Non
     server.stop()  # SIGTERM: the server stops its workers; each hands its job back to the queue
     assert process_gone(pid)
     store = store_of(server)
-    assert store.get_job(job["id"]).status == "queued"
-    assert "stopped" in store.events(job["id"])[-1].message
+    stored = store.get_job(job["id"])
+    assert stored.status == "queued" and stored.error_code is None
+    assert "handed back" in store.events(job["id"])[-1].message
     store.close()
-    restarted = start_server(data_dir=server.data_dir, port=server.port)
+    restarted = start_server("--max-attempts", "1", data_dir=server.data_dir, port=server.port)
     final = client.wait(job["id"], timeout=240, poll=0.2)
     _check_succeeded(client, restarted, final, attempt=2)
+    assert final["max_attempts"] == 2  # the handed-back attempt made room for itself
