@@ -26,6 +26,7 @@ from shears.pruning.models import LazyTokenizer, ResolvedModel, resolve_model
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets, owl_block_sparsities
 from shears.pruning.resources import PhaseClock, release_freed_memory, tune_malloc
+from shears.pruning.resume import Checkpoints, Progress, identity
 from shears.pruning.runtimes import check_configured, verify_folders
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, build_skeleton
@@ -60,21 +61,30 @@ def prune(
     *,
     reporter: Reporter | None = None,
     options: EngineOptions | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, Any]:
     """Run the job described by `request`, writing a Hugging Face folder to `out_dir`.
 
-    Returns the manifest (also written as out_dir/manifest.json).
+    Returns the manifest (also written as out_dir/manifest.json). With `checkpoints` (pruning.resume)
+    the job continues from the last block a previous attempt finished, and checkpoints each block;
+    its partial output then stays when the job is interrupted (the caller removes it when the job
+    is over).
     """
     tune_malloc()
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InvalidRequest(f"output folder {str(out_dir)!r} already exists; choose a new one")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    if checkpoints is not None:
+        work = checkpoints.work
+    else:
+        work = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
     try:
-        manifest = _Job(request, work, reporter or silent, options or EngineOptions()).run()
+        manifest = _Job(request, work, reporter or silent, options or EngineOptions(), checkpoints).run()
         os.replace(work, out_dir)
+        if checkpoints is not None:
+            checkpoints.reset()  # the job is done: nothing left to resume
         fd = os.open(out_dir.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -84,15 +94,24 @@ def prune(
     except torch.OutOfMemoryError as exc:
         raise OutOfMemory(f"out of GPU memory: {exc}; lower calibration.batch_size or samples") from exc
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if checkpoints is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 class _Job:
-    def __init__(self, request: PruneRequest, work: Path, reporter: Reporter, options: EngineOptions) -> None:
+    def __init__(
+        self,
+        request: PruneRequest,
+        work: Path,
+        reporter: Reporter,
+        options: EngineOptions,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         self.request = request
         self.work = work
         self.reporter = reporter
         self.options = options
+        self.checkpoints = checkpoints
         self.clock = PhaseClock(reporter)
 
     def run(self) -> dict[str, Any]:
@@ -102,22 +121,30 @@ class _Job:
         with self.clock.phase("loading", f"loading {request.model}"):
             model, skeleton, tokenizer = self._load()
             targets = layer_targets(skeleton, request)
-        with self.clock.phase("calibrating"):
-            windows, calib, dense_eval, eval_ids = self._calibrate(model, skeleton, tokenizer)
-            if request.owl is not None:
-                targets = layer_targets(skeleton, request, owl_block_sparsities(skeleton, calib, request))
-            del tokenizer  # the windows are token ids now
-            if not eval_ids:  # nothing left to run through the embeddings or the head
-                skeleton.release_outside()
-            release_freed_memory()
-        pruned_eval = [batch.clone() for batch in dense_eval]
-        writer = ShardWriter(
-            self.work, plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes)
-        )
+        shards = plan_shards(self._output_specs(skeleton), self.options.max_shard_bytes)
+        writer = ShardWriter(self.work, shards, hashing=self.checkpoints is not None)
         try:
-            self._write_outside(skeleton, writer)
+            with self.clock.phase("calibrating"):
+                windows, calib, dense_eval, eval_ids = self._calibrate(model, skeleton, tokenizer)
+                pruned_eval = [batch.clone() for batch in dense_eval]
+                streams = {"calib": calib, "dense_eval": dense_eval, "pruned_eval": pruned_eval}
+                progress = None
+                if self.checkpoints is not None:
+                    ident = identity(request, model, skeleton, shards)
+                    progress = self.checkpoints.resume(ident, writer, streams, targets, self.reporter)
+                if progress is None:
+                    if request.owl is not None:
+                        owl = owl_block_sparsities(skeleton, calib, request)
+                        targets = layer_targets(skeleton, request, owl)
+                    progress = Progress(0, targets, [], [])
+                del tokenizer  # the windows are token ids now
+                if not eval_ids:  # nothing left to run through the embeddings or the head
+                    skeleton.release_outside()
+                release_freed_memory()
+            if progress.start == 0:
+                self._write_outside(skeleton, writer)
             with self.clock.phase("pruning"):
-                layers, blocks = self._prune_blocks(skeleton, targets, calib, dense_eval, pruned_eval, writer)
+                layers, blocks = self._prune_blocks(skeleton, progress, streams, writer)
             files = writer.finish()
         finally:
             writer.abort()
@@ -175,6 +202,7 @@ class _Job:
             benchmark=benchmark,
             compatibility=compatibility,
             clock=self.clock.summary(),
+            attempts=self.checkpoints.attempts if self.checkpoints is not None else None,
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
@@ -272,24 +300,20 @@ class _Job:
             writer.write(name, tensor)
 
     def _prune_blocks(
-        self,
-        skeleton: Skeleton,
-        targets: dict[str, float | None],
-        calib: list[Batch],
-        dense_eval: list[Batch],
-        pruned_eval: list[Batch],
-        writer: ShardWriter,
+        self, skeleton: Skeleton, progress: Progress, streams: dict[str, list[Batch]], writer: ShardWriter
     ) -> tuple[list[LayerResult], list[dict[str, Any]]]:
+        """Blocks from `progress.start` on; a checkpoint after each (with `self.checkpoints`)."""
         device = skeleton.device
         total = skeleton.num_blocks
-        all_layers: list[LayerResult] = []
-        blocks: list[dict[str, Any]] = []
+        targets = progress.targets
+        calib, dense_eval, pruned_eval = streams["calib"], streams["dense_eval"], streams["pruned_eval"]
+        all_layers, blocks = progress.layers, progress.blocks
         # The block output error is measured on the first ERROR_SAMPLE_TOKENS calibration tokens:
         # holding every batch's dense output would cost a second copy of all activations.
         sampled = _leading_batches(calib, ERROR_SAMPLE_TOKENS)
         dense_out = [torch.empty_like(batch.hidden) for batch in calib[:sampled]]  # reused by every block
         sampled_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:sampled])
-        for index in range(total):
+        for index in range(progress.start, total):
             block = skeleton.materialize_block(index)
             with torch.inference_mode():
                 for batch in dense_eval:
@@ -327,6 +351,8 @@ class _Job:
                     "seconds": round(sum(r.seconds for r in results), 4),
                 }
             )
+            if self.checkpoints is not None:  # before the progress event: a block reported is saved
+                self.checkpoints.save(index + 1, writer, streams, progress, self.reporter)
             self.reporter(
                 Event(
                     "progress",

@@ -113,6 +113,7 @@ def write_manifest(
     benchmark: dict[str, Any] | None,
     clock: dict[str, Any],
     compatibility: dict[str, Any] | None = None,
+    attempts: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": "shears-manifest/1",
@@ -141,6 +142,8 @@ def write_manifest(
         "total_seconds": clock["total_seconds"],
         "peak_memory": {"rss_mb": clock["peak_rss_mb"], "cuda_mb": clock["peak_cuda_mb"]},
     }
+    if attempts is not None:  # a resumable job: where each attempt started (pruning.resume)
+        manifest["attempts"] = attempts
     manifest["files"] = file_entries(folder)
     write_json(folder / MANIFEST, manifest)
     return manifest

@@ -7,12 +7,13 @@ be written up front and tensor bytes appended as blocks finish: memory stays at 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -61,6 +62,24 @@ def plan_shards(tensors: list[TensorSpec], max_bytes: int, stem: str = "model") 
     return [Shard(f"{stem}-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def _prefix_digest(path: Path, size: int) -> Any:
+    """sha256 of the first `size` bytes of a file; ValueError if the file is shorter or missing."""
+    digest, left = hashlib.sha256(), size
+    try:
+        with open(path, "rb") as handle:
+            while left > 0:
+                chunk = handle.read(min(left, 1 << 22))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path.name} is missing") from exc
+    if left:
+        raise ValueError(f"{path.name} is shorter than the snapshot recorded")
+    return digest
+
+
 def _header(shard: Shard) -> bytes:
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -77,14 +96,27 @@ def _header(shard: Shard) -> bytes:
 
 
 class ShardWriter:
-    """Appends tensors to planned shards in plan order; each file is fsynced when it is complete."""
+    """Appends tensors to planned shards in plan order; each file is fsynced when it is complete.
 
-    def __init__(self, folder: Path, shards: list[Shard]) -> None:
+    With `hashing`, it keeps each file's size and running sha256, so `snapshot()` can say what is on
+    disk so far and `restore()` can continue after it (resuming a job, pruning/resume.py)."""
+
+    def __init__(self, folder: Path, shards: list[Shard], *, hashing: bool = False) -> None:
         self.folder = folder
         self.shards = shards
         self._queue = [(shard, spec) for shard in shards for spec in shard.tensors]
         self._position = 0
         self._handle: BinaryIO | None = None
+        self.hashing = hashing
+        self._digests: dict[str, Any] = {}  # file -> running sha256 of the bytes written
+        self._sizes: dict[str, int] = {}
+
+    def _emit(self, shard: Shard, data: bytes | memoryview) -> None:
+        assert self._handle is not None
+        self._handle.write(data)
+        if self.hashing:
+            self._digests[shard.file].update(data)
+            self._sizes[shard.file] += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, spec = self._queue[self._position]
@@ -94,13 +126,14 @@ class ShardWriter:
             raise RuntimeError(f"tensor {name!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
         if self._handle is None:
             self._handle = open(self.folder / shard.file, "wb")  # noqa: SIM115 - spans many calls
-            self._handle.write(_header(shard))
+            self._digests[shard.file], self._sizes[shard.file] = hashlib.sha256(), 0
+            self._emit(shard, _header(shard))
         flat = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
         # In slices, so that normalising a large tensor (an embedding) never doubles its memory.
         for piece in flat.split(_WRITE_ELEMENTS):
             if piece.is_floating_point():
                 piece = piece + 0.0  # -0.0 -> +0.0: same value, and one byte pattern for a zero
-            self._handle.write(memoryview(piece.view(torch.uint8).numpy()))
+            self._emit(shard, memoryview(piece.view(torch.uint8).numpy()))
         self._position += 1
         if self._position == len(self._queue) or self._queue[self._position][0] is not shard:
             self._close()
@@ -125,6 +158,44 @@ class ShardWriter:
             (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(INDEX)
         return files
+
+    def snapshot(self) -> dict[str, Any]:
+        """What is on disk so far, made durable: tensors written, and each file's size and sha256."""
+        assert self.hashing, "snapshot() needs a ShardWriter made with hashing=True"
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        files = {
+            name: {"size": self._sizes[name], "sha256": d.hexdigest()} for name, d in self._digests.items()
+        }
+        return {"position": self._position, "files": files}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue after a snapshot: its files are checked (size and sha256 of the recorded bytes),
+        cut back to the recorded size, and the next tensor is appended after them. Raises ValueError,
+        changing nothing, when the snapshot does not fit this plan or the files on disk."""
+        assert self.hashing and self._position == 0 and self._handle is None
+        position, files = state["position"], state["files"]
+        if not isinstance(position, int) or not 0 < position <= len(self._queue):
+            raise ValueError(f"snapshot position {position!r} is outside the plan")
+        written: dict[str, int] = {}  # file -> bytes the plan puts there after `position` tensors
+        for shard, spec in self._queue[:position]:
+            written[shard.file] = written.get(shard.file, len(_header(shard))) + spec.nbytes
+        if list(files) != list(written) or any(files[n]["size"] != size for n, size in written.items()):
+            raise ValueError("the snapshot's files do not match the shard plan")
+        digests = {}
+        for name, entry in files.items():
+            digests[name] = _prefix_digest(self.folder / name, entry["size"])
+            if digests[name].hexdigest() != entry["sha256"]:
+                raise ValueError(f"{name} does not hold the bytes the snapshot recorded")
+        for name, entry in files.items():
+            os.truncate(self.folder / name, entry["size"])
+        self._digests, self._sizes = digests, {name: entry["size"] for name, entry in files.items()}
+        self._position = position
+        last, _ = self._queue[position - 1]
+        if position < len(self._queue) and self._queue[position][0] is last:  # the last file is not full
+            self._handle = open(self.folder / last.file, "r+b")  # noqa: SIM115 - spans many calls
+            self._handle.seek(files[last.file]["size"])
 
     def abort(self) -> None:
         if self._handle is not None:

@@ -12,9 +12,10 @@ import threading
 import time
 
 from shears.server.executors import Executor
-from shears.server.models import CANCELLING, Job, utcnow
+from shears.server.models import CANCELLING, QUEUED, Job, utcnow
 from shears.server.settings import Settings
 from shears.server.store import Store
+from shears.server.worker import RESUME_DIR
 
 log = logging.getLogger("shears.server")
 
@@ -118,6 +119,8 @@ class Dispatcher:
         if status is not None:
             log.warning("job %s attempt %d: %s -> %s", job_id, attempt, reason, status)
             shutil.rmtree(self.settings.jobs_dir / job_id / f"attempt-{attempt}", ignore_errors=True)
+            if status != QUEUED:  # over: its checkpoints will not be resumed
+                shutil.rmtree(self.settings.jobs_dir / job_id / RESUME_DIR, ignore_errors=True)
 
     def _stop_workers(self) -> None:
         running = self.executor.running()

@@ -69,7 +69,7 @@ class EventOut(Out):
     id: int = Field(description="increasing within the job; the SSE id and the `after` cursor")
     attempt: int
     time: datetime
-    kind: Literal["state", "phase", "progress", "log", "result"]
+    kind: Literal["state", "phase", "progress", "log", "result", "resumed"]
     phase: str | None
     done: int | None
     total: int | None

@@ -30,6 +30,7 @@ from shears.server.store import Store
 
 log = logging.getLogger("shears.worker")
 _PROGRESS_EVERY = 0.5  # seconds between stored progress events of one phase
+RESUME_DIR = "resume"  # <jobs>/<id>/resume: the job's checkpoints, kept across attempts (pruning.resume)
 
 
 class Terminated(KeyboardInterrupt):
@@ -127,6 +128,7 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
     out_dir = job_dir / f"attempt-{attempt}" / "out"
     reporter = _Reporter(store, job_id, attempt)
     outcome: str | None = None
+    handed_back = False
     try:
         if settings.worker_nice:
             os.nice(settings.worker_nice)
@@ -137,7 +139,7 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
         if beat.cancel_requested:
             outcome = store.finish(job_id, attempt, CANCELLED)
         elif beat.owned:
-            store.requeue(job_id, attempt, "the worker was stopped (SIGTERM)")
+            handed_back = store.requeue(job_id, attempt, "the worker was stopped (SIGTERM)")
     except Exception as exc:
         signals.deferred = True
         code = exc.code if isinstance(exc, ShearsError) and exc.code in JOB_ERROR_CODES else "internal"
@@ -161,6 +163,8 @@ def run(job_id: str, attempt: int | None, settings: Settings) -> int:
         heartbeat.halt.set()
         # With remote artifact storage the local copy is not needed once uploaded.
         _clean(job_dir, attempt, keep_output=outcome == SUCCEEDED and not settings.artifacts_url)
+        if outcome is not None and not handed_back:  # the job is over: nothing will resume it
+            shutil.rmtree(job_dir / RESUME_DIR, ignore_errors=True)
         store.close()
     return 0 if outcome == SUCCEEDED else 1
 
@@ -188,8 +192,18 @@ def _run_job(
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from shears.pruning.engine import prune
+    from shears.pruning.resume import Checkpoints
 
-    manifest = prune(request, out_dir, reporter=reporter, options=settings.engine_options())
+    # Another attempt's worker may still hold the checkpoints (its lease ran out, it has not noticed
+    # yet): then this attempt starts over in a folder of its own, and saves none.
+    checkpoints = Checkpoints.acquire(
+        settings.jobs_dir / job_id / RESUME_DIR, attempt=attempt, min_free_bytes=settings.min_free_disk_bytes
+    )
+    if checkpoints is None:
+        reporter.log("log", "the job's checkpoints are held by another worker; starting over without them")
+    manifest = prune(
+        request, out_dir, reporter=reporter, options=settings.engine_options(), checkpoints=checkpoints
+    )
     manifest_file = verify_folder(out_dir, manifest)
     reporter.log("log", "artifacts checked against the manifest")
     artifact_dir = out_dir.relative_to(settings.jobs_dir / job_id).as_posix()

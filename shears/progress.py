@@ -20,7 +20,7 @@ Phase = Literal[
 
 @dataclass(frozen=True)
 class Event:
-    kind: Literal["phase", "progress", "log", "result"]
+    kind: Literal["phase", "progress", "log", "result", "resumed"]
     phase: Phase | None = None
     done: int | None = None
     total: int | None = None

@@ -1,0 +1,166 @@
+"""Resuming a job from its last finished block (pruning.resume), through the real engine: an attempt
+interrupted after block k leaves a checkpoint; the next continues at k and writes the same bytes as an
+uninterrupted run; a checkpoint that does not verify means a clean restart, never a mixed output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shears.progress import Event
+from shears.pruning.config import PruneRequest
+from shears.pruning.engine import prune
+from shears.pruning.resume import CHECKPOINT, Checkpoints
+from tests.pruning.test_engine import fast_request
+from tests.tiny import make_tiny_model
+
+BLOCKS = 4
+STOP_AFTER = 2  # the interrupted attempt stops once block 2 is reported (after its checkpoint)
+
+
+class Stop(KeyboardInterrupt):
+    """What a worker's SIGTERM raises (a KeyboardInterrupt, so nothing catches it on the way out)."""
+
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("four") / "llama", num_hidden_layers=BLOCKS)
+
+
+def _request(model: Path, dtype: str = "float32", seed: int = 0) -> PruneRequest:
+    request = fast_request(model, compute_dtype=dtype)
+    return request.model_copy(update={"calibration": request.calibration.model_copy(update={"seed": seed})})
+
+
+def _interrupted(request: PruneRequest, folder: Path, out: Path) -> None:
+    """Attempt 1: stopped right after block STOP_AFTER is reported; its folder is left as it was."""
+
+    def reporter(event: Event) -> None:
+        if event.kind == "progress" and event.done == STOP_AFTER:
+            raise Stop
+
+    checkpoints = Checkpoints.acquire(folder, attempt=1)
+    assert checkpoints is not None
+    with pytest.raises(Stop):
+        prune(request, out, reporter=reporter, checkpoints=checkpoints)
+    checkpoints.release()  # the process is gone
+
+
+def _resumed(request: PruneRequest, folder: Path, out: Path) -> tuple[dict[str, Any], list[Event]]:
+    events: list[Event] = []
+    checkpoints = Checkpoints.acquire(folder, attempt=2)
+    assert checkpoints is not None
+    manifest = prune(request, out, reporter=events.append, checkpoints=checkpoints)
+    checkpoints.release()
+    return manifest, events
+
+
+def _same_output(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma, mb = (json.loads((folder / "manifest.json").read_text()) for folder in (a, b))
+    assert ma["files"] == mb["files"] and ma["sparsity"] == mb["sparsity"]
+    assert ma["perplexity"] == mb["perplexity"]
+    assert _timeless(ma["layers"].values()) == _timeless(mb["layers"].values())
+    assert _timeless(ma["blocks"]) == _timeless(mb["blocks"])
+
+
+def _timeless(entries: Any) -> list[dict[str, Any]]:
+    """Per-layer or per-block results without the seconds each took."""
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in entries]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resumed_output_is_byte_identical(four_blocks: Path, tmp_path: Path, dtype: str) -> None:
+    request = _request(four_blocks, dtype)
+    prune(request, tmp_path / "reference")
+    folder = tmp_path / "checkpoints"
+    _interrupted(request, folder, tmp_path / "first")
+    saved = json.loads((folder / CHECKPOINT).read_text())
+    assert saved["block"] == STOP_AFTER and not (tmp_path / "first").exists()
+    # What a killed attempt may leave after its last checkpoint: bytes of the next block, a stray file.
+    shard = next((folder / "partial").glob("model*.safetensors"))
+    with open(shard, "ab") as handle:
+        handle.write(b"half a block")
+    (folder / "partial" / "config.json").write_text("{}")
+
+    manifest, events = _resumed(request, folder, tmp_path / "second")
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert [e.data["from_block"] for e in resumed] == [STOP_AFTER]
+    progress = [e.done for e in events if e.kind == "progress" and e.phase == "pruning"]
+    assert progress == list(range(STOP_AFTER + 1, BLOCKS + 1))
+    assert manifest["attempts"] == [{"attempt": 1, "from_block": 0}, {"attempt": 2, "from_block": STOP_AFTER}]
+    _same_output(tmp_path / "reference", tmp_path / "second")
+    # The job is done: no checkpoint is left to resume.
+    assert not (folder / CHECKPOINT).exists() and not list(folder.glob("activations-*"))
+
+
+@pytest.mark.parametrize("damage", ["activations", "shard", "request", "garbage"])
+def test_a_checkpoint_that_does_not_verify_means_a_clean_restart(
+    four_blocks: Path, tmp_path_factory: pytest.TempPathFactory, damage: str
+) -> None:
+    base = tmp_path_factory.mktemp("interrupted")
+    request = _request(four_blocks)
+    # One interrupted attempt shared by the parametrisations (each damages its own copy).
+    pristine = base.parent / "pristine-checkpoints"
+    if not pristine.exists():
+        _interrupted(request, base / "checkpoints", base / "first")
+        shutil.copytree(base / "checkpoints", pristine)
+        prune(request, base.parent / "pristine-reference")
+    folder = base / "copy"
+    shutil.copytree(pristine, folder)
+    saved = json.loads((folder / CHECKPOINT).read_text())
+    if damage == "activations":
+        path = folder / saved["activations"]["file"]
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "shard":
+        path = folder / "partial" / next(iter(saved["writer"]["files"]))
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "request":
+        request = _request(four_blocks, seed=7)  # another job's checkpoint
+    else:
+        (folder / CHECKPOINT).write_text("{not json")
+
+    manifest, events = _resumed(request, folder, base / "second")
+    assert not [e for e in events if e.kind == "resumed"]
+    notes = [e.message for e in events if e.kind == "log" and "checkpoint not used" in e.message]
+    assert len(notes) == 1, [e.message for e in events if e.kind == "log"]
+    assert next(e.done for e in events if e.kind == "progress" and e.phase == "pruning") == 1
+    assert manifest["attempts"][-1] == {"attempt": 2, "from_block": 0}
+    reference = base.parent / "pristine-reference"
+    if damage == "request":
+        reference = base / "reference"
+        prune(request, reference)
+    _same_output(reference, base / "second")
+
+
+def test_no_checkpoint_without_the_disk_space(four_blocks: Path, tmp_path: Path) -> None:
+    events: list[Event] = []
+    checkpoints = Checkpoints.acquire(tmp_path / "checkpoints", min_free_bytes=1 << 60)
+    assert checkpoints is not None
+    prune(_request(four_blocks), tmp_path / "out", reporter=events.append, checkpoints=checkpoints)
+    skipped = [e.message for e in events if e.kind == "log" and e.message.startswith("no checkpoint")]
+    assert len(skipped) == BLOCKS and "free" in skipped[0]
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_one_process_at_a_time(tmp_path: Path) -> None:
+    first = Checkpoints.acquire(tmp_path / "checkpoints")
+    assert first is not None
+    assert Checkpoints.acquire(tmp_path / "checkpoints") is None  # a lost worker still holds it
+    first.release()
+    again = Checkpoints.acquire(tmp_path / "checkpoints")
+    assert again is not None
+    again.remove()
+    assert not (tmp_path / "checkpoints").exists()
