@@ -33,6 +33,8 @@ def follow(client: ShearsClient, job_id: str, *, quiet: bool = False, after: int
                 tqdm.write(f"[{event['data'].get('status')}] {event['message']}", file=sys.stderr)
             elif kind == "phase":
                 tqdm.write(f"  {phase}: {event['message']}", file=sys.stderr)
+            elif kind == "resumed":
+                tqdm.write(f"  {event['message']} (attempt {event['attempt']})", file=sys.stderr)
             elif kind == "log" and event["message"] != "traceback":
                 tqdm.write(f"  {event['message']}", file=sys.stderr)
     finally:

@@ -21,6 +21,7 @@ same work with or without a checkpoint, so a resumed output is byte-identical to
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -252,6 +253,13 @@ class Checkpoints:
         try:
             for key, tensor in tensors.items():
                 stored.write(key, tensor)
+        except OSError as exc:  # the disk filled up after all: the job goes on, the last checkpoint holds
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            stored.abort()
+            (self.folder / name).unlink(missing_ok=True)
+            reporter(Event("log", message=f"no checkpoint after block {block}: the disk is full ({exc})"))
+            return False
         finally:
             stored.abort()
         digest = stored.snapshot()["files"][name]

@@ -34,6 +34,7 @@ def test_cancel_while_running(start_server, model_root: Path) -> None:
     assert states == ["queued", "running", "cancelling", "cancelled"]
     job_dir = server.data_dir / "jobs" / job["id"]
     assert not list(job_dir.glob("attempt-*")), "the attempt's partial output must be removed"
+    assert not (job_dir / "resume").exists(), "a cancelled job's checkpoints must be removed"
     assert 'shears_jobs{status="cancelled"} 1.0' in client.metrics()
 
 

@@ -1,6 +1,7 @@
-"""Crashes: kill -9 the worker (re-queued, then succeeds; or worker_lost after max_attempts), kill -9 the
-server (the worker carries on and the restarted server adopts it), kill -9 both (re-queued on restart).
-No job is lost and none runs twice."""
+"""Crashes: kill -9 the worker (re-queued, resumes from its last block and succeeds; or worker_lost
+after max_attempts), kill -9 the server (the worker carries on and the restarted server adopts it),
+kill -9 both (re-queued on restart), a graceful stop (handed back, resumed). No job is lost and none
+runs twice."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 
 from shears.client.client import ShearsClient
 from shears.client.launch import ServerProcess
+from shears.pruning.config import PruneRequest
+from shears.pruning.engine import prune
+from shears.server.settings import Settings
 from tests.server.conftest import (
     first_block_done,
     medium_job,
@@ -38,14 +42,19 @@ def _check_succeeded(client: ShearsClient, server: ServerProcess, job: dict[str,
     assert not list(job_dir.glob("attempt-*/.*partial*"))
 
 
-def test_killed_worker_is_requeued_and_succeeds(start_server, model_root: Path) -> None:
+def test_killed_worker_resumes_from_its_last_block(start_server, model_root: Path, tmp_path: Path) -> None:
+    """Issue 14: SIGKILL in the middle of block k > 0; the next attempt starts at block k and writes
+    the same bytes as an uninterrupted run (the engine, in this process, with the server's options)."""
     server = start_server()
     client = ShearsClient(server.url)
-    job = client.submit(medium_job(model_root))
-    wait_for_event(client, job["id"], first_block_done)
-    pid = worker_pid(server, job["id"])
-    os.kill(pid, signal.SIGKILL)
-    final = client.wait(job["id"], timeout=240, poll=0.2)
+    request = medium_job(model_root)
+    job = client.submit(request)
+    reported = wait_for_event(
+        client, job["id"], lambda e: e["kind"] == "progress" and e["phase"] == "pruning" and e["done"] >= 2
+    )
+    os.kill(worker_pid(server, job["id"]), signal.SIGKILL)  # in block k: its checkpoint precedes the event
+    block = reported["done"]
+    final = client.wait(job["id"], timeout=600, poll=0.2)
     _check_succeeded(client, server, final, attempt=2)
     assert _states(client, job["id"]) == [
         (0, "queued"),
@@ -54,10 +63,23 @@ def test_killed_worker_is_requeued_and_succeeds(start_server, model_root: Path) 
         (2, "running"),
         (2, "succeeded"),
     ]
-    lost = [e for e in client.events(job["id"])["events"] if e["kind"] == "state" and e["attempt"] == 1][-1]
+    events = client.events(job["id"])["events"]
+    lost = [e for e in events if e["kind"] == "state" and e["attempt"] == 1][-1]
     assert "worker lost" in lost["message"]
-    second = [e for e in client.events(job["id"])["events"] if e["attempt"] == 2 and e["kind"] == "progress"]
-    assert second[0]["done"] == 1 and second[-1]["done"] == 6  # it started over
+    resumed = [e for e in events if e["kind"] == "resumed"]
+    assert [(e["attempt"], e["data"]["from_block"]) for e in resumed] == [(2, block)]
+    second = [e["done"] for e in events if e["attempt"] == 2 and e["kind"] == "progress"]
+    assert second[0] == block + 1 and second[-1] == 6
+    manifest = client.artifacts(job["id"])["manifest"]
+    assert manifest["attempts"] == [{"attempt": 1, "from_block": 0}, {"attempt": 2, "from_block": block}]
+    assert not (server.data_dir / "jobs" / job["id"] / "resume").exists()  # deleted with the job's end
+
+    # The same request, uninterrupted, through the engine with the options the server gives workers.
+    options = Settings(data_dir=server.data_dir, model_dirs=[model_root]).engine_options()
+    reference = prune(PruneRequest.model_validate(request), tmp_path / "reference", options=options)
+    served = {f["name"]: f["sha256"] for f in client.artifacts(job["id"])["files"]}
+    assert served.pop("manifest.json")
+    assert served == {e["name"]: e["sha256"] for e in reference["files"]}
 
 
 def test_worker_lost_after_max_attempts(start_server, model_root: Path) -> None:
@@ -70,6 +92,7 @@ def test_worker_lost_after_max_attempts(start_server, model_root: Path) -> None:
     assert final["error"]["code"] == "worker_lost"
     assert _states(client, job["id"]) == [(0, "queued"), (1, "running"), (1, "failed")]
     assert not list((server.data_dir / "jobs" / job["id"]).glob("attempt-*"))
+    assert not (server.data_dir / "jobs" / job["id"] / "resume").exists()
 
 
 def test_killed_server_restarts_and_adopts_the_running_worker(start_server, model_root: Path) -> None:
@@ -137,6 +160,7 @@ def test_graceful_stop_hands_the_job_back(start_server, model_root: Path) -> Non
     client = ShearsClient(server.url)
     job = client.submit(medium_job(model_root))
     wait_for_event(client, job["id"], lambda e: e["kind"] == "phase" and e["phase"] == "pruning")
+    wait_for_event(client, job["id"], first_block_done)
     pid = worker_pid(server, job["id"])
     server.stop()  # SIGTERM: the server stops its workers; each hands its job back to the queue
     assert process_gone(pid)
@@ -149,3 +173,5 @@ def test_graceful_stop_hands_the_job_back(start_server, model_root: Path) -> Non
     final = client.wait(job["id"], timeout=240, poll=0.2)
     _check_succeeded(client, restarted, final, attempt=2)
     assert final["max_attempts"] == 2  # the handed-back attempt made room for itself
+    resumed = [e for e in client.events(job["id"])["events"] if e["kind"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["data"]["from_block"] >= 1
