@@ -2,19 +2,17 @@
 
 Both are checked before a route reads a byte of the body (FastAPI parses a body before it runs a
 route's dependencies, so a dependency would check the token only after a 100 MB JSON was parsed).
-Answers it gives itself leave the request body unread, so they say `Connection: close`.
+Answers it gives itself leave a request body unread, so then they say `Connection: close`.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shears.server.problems import MEDIA_TYPE
+from shears.server.problems import problem_response
 from shears.server.settings import Settings
 
 # Reachable without the token: probes for load balancers and orchestrators, which carry none.
@@ -30,27 +28,6 @@ def body_limit(path: str, settings: Settings) -> int:
     if path == UPLOADS:
         return settings.upload_max_bytes + MULTIPART_OVERHEAD
     return MAX_JSON_BODY
-
-
-def _problem(
-    status: int, code: str, detail: str, extra_headers: list[tuple[bytes, bytes]]
-) -> tuple[Message, bytes]:
-    body = json.dumps(
-        {
-            "type": f"/problems/{code}",
-            "title": HTTPStatus(status).phrase,
-            "status": status,
-            "detail": detail,
-            "code": code,
-        }
-    ).encode()
-    headers = [
-        (b"content-type", MEDIA_TYPE.encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-        *extra_headers,
-    ]
-    return {"type": "http.response.start", "status": status, "headers": headers}, body
 
 
 class Guard:
@@ -74,27 +51,42 @@ class Guard:
             return
         if not self.authorized(scope):
             await self._answer(
+                scope,
+                receive,
                 send,
                 401,
                 "unauthorized",
                 "a valid bearer token is required (Authorization: Bearer <token>)",
-                [(b"www-authenticate", b'Bearer realm="shears"')],
+                {"WWW-Authenticate": 'Bearer realm="shears"'},
             )
             return
         limit = body_limit(scope["path"], self.settings)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await self._answer(send, 413, "payload_too_large", f"request bodies are capped at {limit} bytes")
+            detail = f"request bodies are capped at {limit} bytes"
+            await self._answer(scope, receive, send, 413, "payload_too_large", detail)
             return
         await self.app(scope, _capped(receive, limit), send)
 
     @staticmethod
     async def _answer(
-        send: Send, status: int, code: str, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status: int,
+        code: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        start, body = _problem(status, code, detail, headers or [])
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
+        headers = dict(headers or {})
+        if _body_pending(scope):  # left unread: the connection cannot carry another request
+            headers["Connection"] = "close"
+        await problem_response(status, code, detail, headers=headers)(scope, receive, send)
+
+
+def _body_pending(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
 
 
 def _capped(receive: Receive, limit: int) -> Receive:
