@@ -249,7 +249,7 @@ class Checkpoints:
         name = f"activations-{block:05d}.safetensors"
         specs = [TensorSpec(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()]
         [plan] = plan_shards(specs, max_bytes=1 << 62, stem=name.removesuffix(".safetensors"))
-        stored = ShardWriter(self.folder, [plan], hashing=True)
+        stored = ShardWriter(self.folder, [plan], hashing=True, exact=True)
         try:
             for key, tensor in tensors.items():
                 stored.write(key, tensor)

@@ -101,8 +101,13 @@ class ShardWriter:
     With `hashing`, it keeps each file's size and running sha256, so `snapshot()` can say what is on
     disk so far and `restore()` can continue after it (resuming a job, pruning/resume.py)."""
 
-    def __init__(self, folder: Path, shards: list[Shard], *, hashing: bool = False) -> None:
+    def __init__(
+        self, folder: Path, shards: list[Shard], *, hashing: bool = False, exact: bool = False
+    ) -> None:
+        """`exact`: the bytes as given (weights are written with -0.0 as +0.0; saved activations
+        must come back bit for bit)."""
         self.folder = folder
+        self.exact = exact
         self.shards = shards
         self._queue = [(shard, spec) for shard in shards for spec in shard.tensors]
         self._position = 0
@@ -131,7 +136,7 @@ class ShardWriter:
         flat = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
         # In slices, so that normalising a large tensor (an embedding) never doubles its memory.
         for piece in flat.split(_WRITE_ELEMENTS):
-            if piece.is_floating_point():
+            if piece.is_floating_point() and not self.exact:
                 piece = piece + 0.0  # -0.0 -> +0.0: same value, and one byte pattern for a zero
             self._emit(shard, memoryview(piece.view(torch.uint8).numpy()))
         self._position += 1

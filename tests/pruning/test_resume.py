@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from shears.progress import Event
 from shears.pruning.config import PruneRequest
 from shears.pruning.engine import prune
 from shears.pruning.resume import CHECKPOINT, Checkpoints
+from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from tests.pruning.test_engine import fast_request
 from tests.tiny import make_tiny_model
 
@@ -164,3 +167,14 @@ def test_one_process_at_a_time(tmp_path: Path) -> None:
     assert again is not None
     again.remove()
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_activations_are_stored_bit_for_bit(tmp_path: Path) -> None:
+    """Weights are written with -0.0 as +0.0; saved hidden states must come back exactly."""
+    hidden = torch.tensor([[-0.0, 1.5, -2.25e-40]], dtype=torch.float32)
+    [plan] = plan_shards([TensorSpec("calib.0", hidden.dtype, tuple(hidden.shape))], 1 << 30, stem="a")
+    writer = ShardWriter(tmp_path, [plan], hashing=True, exact=True)
+    writer.write("calib.0", hidden)
+    back = load_file(tmp_path / "a.safetensors")["calib.0"]
+    assert torch.equal(back.view(torch.int32), hidden.view(torch.int32))
+    assert writer.snapshot()["files"]["a.safetensors"]["size"] == (tmp_path / "a.safetensors").stat().st_size
