@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ FORMAT = "shears-checkpoint/1"
 CHECKPOINT = "checkpoint.json"
 ATTEMPTS = "attempts.json"
 _STREAMS = ("calib", "dense_eval", "pruned_eval")
+_ACTIVATIONS = re.compile(r"activations-[0-9]{5}\.safetensors")
 
 
 class Mismatch(ValueError):
@@ -167,6 +169,10 @@ class Checkpoints:
             raise Mismatch(f"block index {block!r} is out of range")
         if set(saved["targets"]) != set(targets):
             raise Mismatch("the pruned layers differ")
+        layers = [LayerResult(**{**entry, "shape": tuple(entry["shape"])}) for entry in saved["layers"]]
+        progress = Progress(block, dict(saved["targets"]), layers, list(saved["blocks"]))
+        if not _ACTIVATIONS.fullmatch(saved["activations"]["file"]):
+            raise Mismatch("the activations file name is not one this module writes")
         activations = self.folder / saved["activations"]["file"]
         if _file_sha256(activations) != saved["activations"]["sha256"]:
             raise Mismatch(f"{activations.name} does not match its sha256")
@@ -204,8 +210,7 @@ class Checkpoints:
                     if f"rng.cuda.{i}" in hidden
                 ]
             )
-        layers = [LayerResult(**{**entry, "shape": tuple(entry["shape"])}) for entry in saved["layers"]]
-        return Progress(block, dict(saved["targets"]), layers, list(saved["blocks"]))
+        return progress
 
     def _record_attempt(self, start: int) -> None:
         path = self.folder / ATTEMPTS
