@@ -25,9 +25,11 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,16 +90,26 @@ def identity(
 class Checkpoints:
     """The checkpoint folder of one job, held by this process (see `acquire`)."""
 
-    def __init__(self, folder: Path, lock: int, *, attempt: int, min_free_bytes: int) -> None:
+    def __init__(
+        self, folder: Path, lock: int, *, attempt: int, min_free_bytes: int, interval_seconds: float
+    ) -> None:
         self.folder, self._lock = folder, lock
         self.attempt, self.min_free_bytes = attempt, min_free_bytes
+        self.interval_seconds = interval_seconds
+        self._saved_at = -math.inf
         self.identity: dict[str, Any] = {}
         self.attempts: list[dict[str, Any]] = []
 
     @classmethod
-    def acquire(cls, folder: Path, *, attempt: int = 1, min_free_bytes: int = 0) -> Checkpoints | None:
+    def acquire(
+        cls, folder: Path, *, attempt: int = 1, min_free_bytes: int = 0, interval_seconds: float = 0.0
+    ) -> Checkpoints | None:
         """The folder's checkpoints for this process, or None while another process holds them (a
-        worker whose lease ran out may still be running: then this attempt starts over elsewhere)."""
+        worker whose lease ran out may still be running: then this attempt starts over elsewhere).
+
+        `interval_seconds`: 0 checkpoints after every block; more skips blocks that end sooner than
+        that after the last checkpoint (each costs a write of all activations: small models with
+        short blocks may prefer fewer)."""
         folder.mkdir(parents=True, exist_ok=True)
         lock = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -105,7 +117,9 @@ class Checkpoints:
         except BlockingIOError:
             os.close(lock)
             return None
-        return cls(folder, lock, attempt=attempt, min_free_bytes=min_free_bytes)
+        return cls(
+            folder, lock, attempt=attempt, min_free_bytes=min_free_bytes, interval_seconds=interval_seconds
+        )
 
     def release(self) -> None:
         if self._lock >= 0:
@@ -233,7 +247,10 @@ class Checkpoints:
         reporter: Reporter,
     ) -> bool:
         """Checkpoint the boundary before `block` (all blocks before it are done and written).
-        Skipped, with a log event, when the disk would drop below the free-space minimum."""
+        Skipped, with a log event, when the disk would drop below the free-space minimum; skipped
+        quietly within `interval_seconds` of the last one."""
+        if time.monotonic() - self._saved_at < self.interval_seconds:
+            return False
         tensors = {f"{s}.{i}": b.hidden for s in _STREAMS for i, b in enumerate(streams[s])}
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -282,6 +299,7 @@ class Checkpoints:
         for old in self.folder.glob("activations-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
+        self._saved_at = time.monotonic()
         return True
 
     # -- the end -----------------------------------------------------------------------------------

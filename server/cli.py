@@ -33,6 +33,11 @@ _SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--cache-dir", "cache_dir", {"type": Path}),
     ("--vllm-python", "vllm_python", {"type": Path, "help": "Python with vLLM, for verify_runtimes"}),
     ("--worker-nice", "worker_nice", {"type": int, "help": "niceness added to workers (default 0)"}),
+    (
+        "--checkpoint-interval-seconds",
+        "checkpoint_interval_seconds",
+        {"type": float, "help": "least seconds between a job's checkpoints (default 0: every block)"},
+    ),
     ("--log-level", "log_level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
 ]
 

@@ -32,6 +32,7 @@ _WORKER_FIELDS = (
     "trust_remote_code",
     "max_shard_bytes",
     "worker_nice",
+    "checkpoint_interval_seconds",
     "artifacts_url",
     "artifacts_options",
     "vllm_python",
@@ -121,6 +122,11 @@ class Settings(BaseSettings, OperatorOptions):
         None,
         description="a Python with vLLM installed (e.g. bench/.venv-vllm/bin/python from `make vllm-venv`); "
         "jobs may ask for verify_runtimes ['vllm'] only when it is set",
+    )
+    checkpoint_interval_seconds: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="a running job checkpoints after every block (0) or, to write less, after the first "
+        "block ending this many seconds after its last checkpoint; a re-queued job resumes from there",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

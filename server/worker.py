@@ -197,7 +197,10 @@ def _run_job(
     # Another attempt's worker may still hold the checkpoints (its lease ran out, it has not noticed
     # yet): then this attempt starts over in a folder of its own, and saves none.
     checkpoints = Checkpoints.acquire(
-        settings.jobs_dir / job_id / RESUME_DIR, attempt=attempt, min_free_bytes=settings.min_free_disk_bytes
+        settings.jobs_dir / job_id / RESUME_DIR,
+        attempt=attempt,
+        min_free_bytes=settings.min_free_disk_bytes,
+        interval_seconds=settings.checkpoint_interval_seconds,
     )
     if checkpoints is None:
         reporter.log("log", "the job's checkpoints are held by another worker; starting over without them")

@@ -39,14 +39,14 @@ def _request(model: Path, dtype: str = "float32", seed: int = 0) -> PruneRequest
     return request.model_copy(update={"calibration": request.calibration.model_copy(update={"seed": seed})})
 
 
-def _interrupted(request: PruneRequest, folder: Path, out: Path) -> None:
+def _interrupted(request: PruneRequest, folder: Path, out: Path, interval: float = 0.0) -> None:
     """Attempt 1: stopped right after block STOP_AFTER is reported; its folder is left as it was."""
 
     def reporter(event: Event) -> None:
         if event.kind == "progress" and event.done == STOP_AFTER:
             raise Stop
 
-    checkpoints = Checkpoints.acquire(folder, attempt=1)
+    checkpoints = Checkpoints.acquire(folder, attempt=1, interval_seconds=interval)
     assert checkpoints is not None
     with pytest.raises(Stop):
         prune(request, out, reporter=reporter, checkpoints=checkpoints)
@@ -159,6 +159,12 @@ def test_no_checkpoint_without_the_disk_space(four_blocks: Path, tmp_path: Path)
     skipped = [e.message for e in events if e.kind == "log" and e.message.startswith("no checkpoint")]
     assert len(skipped) == BLOCKS and "free" in skipped[0]
     assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_checkpoints_can_be_spaced_out(four_blocks: Path, tmp_path: Path) -> None:
+    """With an interval, blocks that end sooner after the last checkpoint are not saved."""
+    _interrupted(_request(four_blocks), tmp_path / "checkpoints", tmp_path / "out", interval=3600)
+    assert json.loads((tmp_path / "checkpoints" / CHECKPOINT).read_text())["block"] == 1
 
 
 def test_one_process_at_a_time(tmp_path: Path) -> None:
