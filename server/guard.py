@@ -17,6 +17,8 @@ from shears.server.settings import Settings
 
 # Reachable without the token: probes for load balancers and orchestrators, which carry none.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Path prefixes reachable without it (e.g. the static files of a page that asks for the token itself).
+PUBLIC_PREFIXES: tuple[str, ...] = ()
 # A job request is a few hundred bytes; this bounds what one body (and so one stored job) can hold.
 MAX_JSON_BODY = 64 << 10
 # Multipart framing around an uploaded file (boundaries, part headers).
@@ -38,7 +40,12 @@ class Guard:
         self.token = token.encode() if token else None
 
     def authorized(self, scope: Scope) -> bool:
-        if self.token is None or scope["path"] in PUBLIC_PATHS:
+        path = scope["path"]
+        if (
+            self.token is None
+            or path in PUBLIC_PATHS
+            or (PUBLIC_PREFIXES and path.startswith(PUBLIC_PREFIXES))
+        ):
             return True
         value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, given = value.partition(b" ")
