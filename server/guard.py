@@ -41,11 +41,8 @@ class Guard:
 
     def authorized(self, scope: Scope) -> bool:
         path = scope["path"]
-        if (
-            self.token is None
-            or path in PUBLIC_PATHS
-            or (PUBLIC_PREFIXES and path.startswith(PUBLIC_PREFIXES))
-        ):
+        public = path in PUBLIC_PATHS or (bool(PUBLIC_PREFIXES) and path.startswith(PUBLIC_PREFIXES))
+        if self.token is None or public:
             return True
         value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, given = value.partition(b" ")
