@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError
 
 from shears.errors import JOB_ERROR_CODES
 from shears.pruning.config import PruneRequest
@@ -49,7 +49,8 @@ class JobOut(Out):
     attempt: int
     max_attempts: int
     cancel_requested: bool
-    request: PruneRequest  # type: ignore[valid-type]
+    # Validated when read from the store (see _stored_request), not again here.
+    request: Annotated[PruneRequest, SkipValidation]  # type: ignore[valid-type]
     error: JobError | None
     model_revision: str | None
     result: dict[str, Any] | None = Field(None, description="perplexity and sparsity from the manifest")
@@ -116,6 +117,15 @@ def _progress(job: Job) -> Progress | None:
     return Progress(done=done, total=total, fraction=round(done / total, 4), eta_seconds=eta)
 
 
+def _stored_request(data: dict[str, Any]) -> Any:
+    """The request as stored. One stored before a rule was tightened (a longer ignore list, a seed
+    past 64 bits) fails today's validation: shown as stored, rather than failing every listing."""
+    try:
+        return PruneRequest.model_validate(data)
+    except ValidationError:
+        return data
+
+
 def job_out(job: Job) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     result = None
@@ -129,7 +139,7 @@ def job_out(job: Job) -> JobOut:
         attempt=job.attempt,  # type: ignore[arg-type]
         max_attempts=job.max_attempts,
         cancel_requested=job.cancel_requested,
-        request=PruneRequest.model_validate(job.request),
+        request=_stored_request(job.request),
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         model_revision=job.model_revision,
         result=result,

@@ -109,6 +109,24 @@ def test_3_a_500_closes_the_connection_cleanly(http: httpx.Client, idle_server: 
     assert http.get(f"/v1/jobs/{job['id']}").status_code == 200
 
 
+def test_legacy_rows_stored_before_the_limits_still_list(
+    http: httpx.Client, idle_server: ServerProcess
+) -> None:
+    """A store filled before these limits (the issue's 20 MB ignore lists, 1e30 seeds) must not break
+    listings after the upgrade."""
+    job = http.post("/v1/jobs", json=job_request("smollm2-135m")).json()
+    legacy = {**job["request"], "ignore": ["x"] * 300}
+    legacy["calibration"] = {**legacy["calibration"], "seed": 10**30}
+    database = sqlite3.connect(idle_server.data_dir / "shears.db")
+    with database:
+        database.execute("UPDATE jobs SET request = ? WHERE id = ?", (json.dumps(legacy), job["id"]))
+    database.close()
+    shown = http.get(f"/v1/jobs/{job['id']}")
+    assert shown.status_code == 200 and len(shown.json()["request"]["ignore"]) == 300
+    _lists_fine(http)
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+
 def _answer_before_body(server: ServerProcess, head: str, timeout: float = 10.0) -> str:
     """Send a request's head and a sliver of its declared body; the status line the server answers
     with before the body arrives (a server reading the whole body first answers nothing)."""
