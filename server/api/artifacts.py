@@ -76,9 +76,12 @@ def _downloads(request: Request) -> Downloads:
     return request.app.state.downloads
 
 
-@router.api_route(
-    "/{job_id}/artifacts.tar",
-    methods=["GET", "HEAD"],
+_TAR = "/{job_id}/artifacts.tar"
+_FILE = "/{job_id}/artifacts/{name:path}"
+
+
+@router.get(
+    _TAR,
     summary="All files as one uncompressed tar (streamed)",
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}},
@@ -106,9 +109,8 @@ async def archive(job_id: JobId, request: Request, settings: SettingsDep, store:
     )
 
 
-@router.api_route(
-    "/{job_id}/artifacts/{name:path}",
-    methods=["GET", "HEAD"],
+@router.get(
+    _FILE,
     summary="One file; supports Range, If-Range and If-None-Match",
     response_class=StreamingResponse,
     responses={
@@ -154,3 +156,8 @@ async def download(
         head=request.method == "HEAD",
         stream=partial(DownloadResponse, _downloads(request), job.id),
     )
+
+
+# HEAD: the same answers without a body (an operation id of its own for each).
+router.head(_TAR, summary="The tar's size, without the body", operation_id="archive_head")(archive)
+router.head(_FILE, summary="One file's headers, without the body", operation_id="download_head")(download)
