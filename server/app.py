@@ -21,6 +21,7 @@ from shears.server.metrics import make_registry
 from shears.server.problems import ProblemDoc
 from shears.server.settings import Settings
 from shears.server.store import Store
+from shears.server.ui import PUBLIC_PAGE_PREFIXES, PUBLIC_PAGES
 from shears.server.ui import install as install_ui
 
 log = logging.getLogger("shears.server")
@@ -92,7 +93,9 @@ def create_app(settings: Settings | None = None, *, dispatch: bool = True) -> Fa
         redoc_url=None,
     )
     problems.install(app)
-    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(
+        Guard, settings=settings, public_paths=PUBLIC_PAGES, public_prefixes=PUBLIC_PAGE_PREFIXES
+    )
     app.include_router(system.router)
     app.include_router(v1)
     install_ui(app)

@@ -17,8 +17,6 @@ from shears.server.settings import Settings
 
 # Reachable without the token: probes for load balancers and orchestrators, which carry none.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-# Path prefixes reachable without it (e.g. the static files of a page that asks for the token itself).
-PUBLIC_PREFIXES: tuple[str, ...] = ()
 # A job request is a few hundred bytes; this bounds what one body (and so one stored job) can hold.
 MAX_JSON_BODY = 64 << 10
 # Multipart framing around an uploaded file (boundaries, part headers).
@@ -33,15 +31,24 @@ def body_limit(path: str, settings: Settings) -> int:
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        public_paths: frozenset[str] = frozenset(),
+        public_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        """public_paths/public_prefixes: also reachable without the token (pages that ask for it)."""
         self.app = app
         self.settings = settings
+        self.public_paths = PUBLIC_PATHS | public_paths
+        self.public_prefixes = public_prefixes
         token = settings.token.get_secret_value() if settings.token is not None else ""
         self.token = token.encode() if token else None
 
     def authorized(self, scope: Scope) -> bool:
         path = scope["path"]
-        public = path in PUBLIC_PATHS or (bool(PUBLIC_PREFIXES) and path.startswith(PUBLIC_PREFIXES))
+        public = path in self.public_paths or path.startswith(self.public_prefixes)
         if self.token is None or public:
             return True
         value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")

@@ -7,6 +7,6 @@ typed, so they hold no data and need no token themselves; scripts and styles are
 
 from __future__ import annotations
 
-from shears.server.ui.routes import install
+from shears.server.ui.routes import PUBLIC_PAGE_PREFIXES, PUBLIC_PAGES, install
 
-__all__ = ["install"]
+__all__ = ["PUBLIC_PAGES", "PUBLIC_PAGE_PREFIXES", "install"]

@@ -21,6 +21,10 @@ from shears.server.ui.headers import SecureStaticFiles, content_security_policy,
 
 HERE = Path(__file__).resolve().parent
 STATIC = "/ui/static"
+# Pages are shells that hold no data (they fetch it with the token the user types), so they and their
+# static files load without the token: a browser cannot send an Authorization header when it navigates.
+PUBLIC_PAGES = frozenset({"/", "/ui", "/ui/compare", "/docs", "/redoc"})
+PUBLIC_PAGE_PREFIXES = (STATIC + "/", "/ui/jobs/")
 _templates = Jinja2Templates(directory=HERE / "templates")  # autoescapes .html
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_LISTED = 200  # local models / text files offered in the form

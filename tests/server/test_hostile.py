@@ -232,11 +232,16 @@ def test_also_404_does_not_echo_a_huge_id(http: httpx.Client) -> None:
 
 def test_also_everything_but_health_needs_the_token(token_server: ServerProcess) -> None:
     url = token_server.url
-    for path in ("/docs", "/redoc", "/openapi.json", "/version", "/metrics", "/v1/jobs"):
+    for path in ("/openapi.json", "/version", "/metrics", "/v1/jobs", "/ui/options"):
         _problem(httpx.get(url + path), 401, "unauthorized")
         assert httpx.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
     for path in ("/healthz", "/readyz"):
         assert httpx.get(url + path).status_code == 200
+    # Pages are shells that fetch the spec and the data with the token the user types: they show none.
+    for path in ("/docs", "/redoc", "/ui", "/ui/compare"):
+        page = httpx.get(url + path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), path
+        assert "/v1/jobs/{job_id}" not in page.text and "python" not in page.text.lower(), path
 
 
 def test_also_openapi_documents_every_status(http: httpx.Client) -> None:
