@@ -59,7 +59,8 @@ class _Request(Strict):
         ..., description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
     )
     sparsity: Annotated[float, Field(gt=0, lt=1)]
-    pattern: PatternField = Pattern()
+    # The JSON schema shows the default as written in a request (pydantic would dump the dataclass).
+    pattern: PatternField = Field(Pattern(), json_schema_extra={"default": "unstructured"})
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     ignore: list[LayerRegex] = Field(

@@ -46,3 +46,13 @@ def test_job_schema_carries_the_request_type() -> None:
     assert request["title"] == "PruneRequest" and request["properties"]["method"]["enum"] == list(METHODS)
     assert request["properties"]["pattern"]["type"] == "string"
     assert set(request["properties"]) == set(PruneRequest.model_fields)
+
+
+def test_request_schema_defaults_are_valid_request_values() -> None:
+    """A client that fills in the documented defaults must send a request the server accepts."""
+    properties = PruneRequest.model_json_schema()["properties"]
+    base = {"model": "smollm2-135m", "method": "wanda", "sparsity": 0.5}
+    for name, prop in properties.items():
+        if "default" in prop:
+            request = PruneRequest.model_validate({**base, name: prop["default"]})
+            assert request.model_dump(mode="json")[name] == prop["default"], name
