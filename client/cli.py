@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shears.pattern import Pattern
+from shears.structure import parse_structure
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("model", nargs="?", help="built-in alias, hub repo id, or a path the server allows")
     # Not checked here: the server knows its methods (a 422 lists them) and their options.
     submit.add_argument("--method", help="a pruning method of the server, e.g. sparsegpt, wanda, magnitude")
+    submit.add_argument(
+        "--structure", help="remove whole units first, e.g. 'layers=0.2' or 'mlp=0.25,heads=0.25'"
+    )
     submit.add_argument("--sparsity", type=float, help="implied by an N:M pattern")
     submit.add_argument("--pattern", default="unstructured")
     submit.add_argument("--revision")
@@ -113,14 +117,20 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("shears submit: give MODEL and --method (or --request FILE)")
     request: dict[str, Any] = {"model": args.model, "method": args.method, "pattern": args.pattern}
     sparsity = args.sparsity
-    if sparsity is None:
+    if sparsity is None and args.method != "none":
         try:
             sparsity = Pattern.parse(args.pattern).sparsity
         except ValueError as exc:
             raise SystemExit(f"shears submit: {exc}") from None
-    if sparsity is None:
+    if sparsity is None and args.method != "none":
         raise SystemExit("shears submit: give --sparsity (or an N:M --pattern)")
-    request["sparsity"] = sparsity
+    if sparsity is not None:
+        request["sparsity"] = sparsity
+    if args.structure:
+        try:
+            request["structure"] = parse_structure(args.structure)
+        except ValueError as exc:
+            raise SystemExit(f"shears submit: --structure: {exc}") from None
     calibration = {"source": args.calib, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
     request["calibration"] = {k: v for k, v in calibration.items() if v is not None}
     evaluation = {"enabled": not args.no_eval, "max_tokens": args.eval_tokens}

@@ -18,7 +18,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune = sub.add_parser("prune", help="prune a model one-shot and write a Hugging Face folder")
     prune.add_argument("model", help="built-in alias (smollm2-135m), local folder, .gguf file or hub repo id")
     prune.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
-    prune.add_argument("--method", required=True, choices=list(METHODS))
+    prune.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help="'none' with --structure: structured pruning alone",
+    )
+    prune.add_argument(
+        "--structure",
+        help="remove whole units first: layers=, mlp=, heads=, experts= (fractions), e.g. "
+        "'mlp=0.25,heads=0.25'; also reconstruct=, granule=, channel_score=, contiguous=, layer_refit=, speed=",
+    )
     prune.add_argument(
         "--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern"
     )
@@ -151,11 +161,12 @@ def _names(text: str) -> list[str]:
 def _request_from_args(args: argparse.Namespace) -> Any:
     from shears.pattern import Pattern
     from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
+    from shears.structure import parse_structure
 
     if args.request:
         return PruneRequest.model_validate_json(args.request.read_text())
     sparsity = args.sparsity
-    if sparsity is None:
+    if sparsity is None and args.method != "none":
         sparsity = Pattern.parse(args.pattern).sparsity
         if sparsity is None:
             raise ValueError("--sparsity is required for an unstructured pattern")
@@ -197,6 +208,8 @@ def _request_from_args(args: argparse.Namespace) -> Any:
     options = _method_options(args)
     if options:
         fields[args.method] = options
+    if args.structure is not None:
+        fields["structure"] = parse_structure(args.structure)
     if args.owl:
         fields["owl"] = {}
     if args.ignore is not None:

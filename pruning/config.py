@@ -19,7 +19,10 @@ from shears.calibration.spec import CalibrationSpec, EvaluationSpec
 from shears.pattern import Pattern
 from shears.pruning.layer_regex import MAX_COUNT, MAX_LENGTH, compile_layer_regex
 from shears.pruning.methods import METHODS
+from shears.pruning.structure.spec import StructureSpec
 from shears.schema import Strict
+
+__all__ = ["CalibrationSpec", "EngineOptions", "EvaluationSpec", "PruneRequest", "StructureSpec"]
 
 # The method names come from the registry (pruning.methods); a Literal so the schema lists them.
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -58,7 +61,9 @@ class _Request(Strict):
     method: MethodName = Field(
         ..., description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
     )
-    sparsity: Annotated[float, Field(gt=0, lt=1)]
+    sparsity: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="fraction of weights to zero; implied by an N:M pattern; none for method 'none'"
+    )
     # The JSON schema shows the default as written in a request (pydantic would dump the dataclass).
     pattern: PatternField = Field(Pattern(), json_schema_extra={"default": "unstructured"})
     calibration: CalibrationSpec = CalibrationSpec()
@@ -87,6 +92,22 @@ class _Request(Strict):
         description="runtimes that must load the output and decode greedy tokens as transformers does; "
         "the result is the manifest's `compatibility` (needs the runtime installed by the operator)",
     )
+    structure: StructureSpec | None = Field(
+        None, description="remove layers, MLP channels, head groups or experts before the method runs"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_sparsity(cls, data: object) -> object:
+        """An N:M pattern implies its sparsity (the CLIs computed it; HTTP users need not)."""
+        if isinstance(data, dict) and data.get("sparsity") is None and data.get("method") != "none":
+            try:
+                implied = Pattern.parse(data.get("pattern", "unstructured")).sparsity
+            except ValueError:
+                return data  # the pattern field reports it
+            if implied is not None:
+                return {**data, "sparsity": implied}
+        return data
 
     @property
     def method_options(self) -> Strict | None:
@@ -110,6 +131,11 @@ class _Request(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> _Request:
         pattern = self.pattern
+        if self.method == "none":
+            self._check_structure_only()
+            return self
+        if self.sparsity is None:
+            raise ValueError(f"sparsity is required for method {self.method!r} with an unstructured pattern")
         if pattern.structured:
             if abs(self.sparsity - pattern.sparsity) > 1e-6:
                 raise ValueError(
@@ -123,6 +149,30 @@ class _Request(Strict):
         if len(set(self.verify_runtimes)) != len(self.verify_runtimes):
             raise ValueError("verify_runtimes names a runtime twice")
         return self
+
+    def _check_structure_only(self) -> None:
+        """method 'none': structured pruning alone, so every sparsity setting is a mistake."""
+        if self.structure is None:
+            raise ValueError(
+                "method 'none' prunes no weights: give a structure (e.g. structure={'mlp': 0.25}) "
+                "or a method (sparsegpt, wanda, magnitude)"
+            )
+        wrong = [
+            name
+            for name, given in (
+                ("sparsity", self.sparsity is not None),
+                ("pattern", self.pattern.structured),
+                ("overrides", bool(self.overrides)),
+                ("owl", self.owl is not None),
+                ("true_sequential", self.true_sequential),
+                ("formats 'packed'", "packed" in self.formats),
+            )
+            if given
+        ]
+        if wrong:
+            raise ValueError(
+                f"method 'none' zeroes no weights, so {', '.join(wrong)} cannot apply; remove them"
+            )
 
 
 # The request: the fields above plus one options block per method that has options, named after it

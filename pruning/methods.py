@@ -103,6 +103,12 @@ METHODS: dict[str, Method] = {
             summary="Wanda (Sun et al. 2024): |W| x input norm, compared within each output row",
         ),
         Method(
+            "none",
+            statistic="none",
+            solver="none",
+            summary="no weights zeroed: structured pruning alone (needs a structure)",
+        ),
+        Method(
             "magnitude",
             statistic="none",
             solver="magnitude",
