@@ -289,10 +289,15 @@ def report_text(manifest: dict[str, Any]) -> str:
     lines = [
         f"model      {manifest['model']['spec']} ({manifest['model']['architecture']}, "
         f"{manifest['model']['num_blocks']} blocks)",
-        f"method     {request['method']} {request['pattern']} target {sparsity['target']:.3f}",
-        f"sparsity   {sparsity['achieved']:.4f} over {sparsity['pruned_layers']} layers "
-        f"({sparsity['of_all_parameters']:.4f} of all parameters)",
     ]
+    if request["method"] != "none":
+        lines += [
+            f"method     {request['method']} {request['pattern']} target {sparsity['target']:.3f}",
+            f"sparsity   {sparsity['achieved']:.4f} over {sparsity['pruned_layers']} layers "
+            f"({sparsity['of_all_parameters']:.4f} of all parameters)",
+        ]
+    if manifest.get("structure"):
+        lines += _structure_lines(manifest["structure"])
     ppl = manifest.get("perplexity")
     if ppl:
         lines.append(
@@ -331,6 +336,31 @@ def _verify_runtimes(args: argparse.Namespace) -> int:
             print(f"{folder}: {describe(name, verdict)}")
             failed += not verdict["ok"]
     return 1 if failed else 0
+
+
+def _structure_lines(structure: dict[str, Any]) -> list[str]:
+    plan, params, size = structure["plan"], structure["parameters"], structure["bytes"]
+    widths = ", ".join(
+        f"{key} {plan[key]}"
+        for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "experts")
+        if plan[key] is not None
+    )
+    lines = [
+        f"structure  removed blocks {plan['removed_blocks'] or 'none'}; {widths or 'widths unchanged'}",
+        f"size       {params['before']:,} -> {params['after']:,} parameters, "
+        f"{size['before'] / 2**20:.1f} -> {size['after'] / 2**20:.1f} MiB",
+    ]
+    speed = structure.get("speed")
+    if speed and "dense" in speed:
+        dense, pruned = speed["dense"], speed["pruned"]
+        lines.append(
+            f"speed      prefill {dense['prefill_tokens_per_s']:.0f} -> "
+            f"{pruned['prefill_tokens_per_s']:.0f} tok/s "
+            f"({speed['prefill_speedup']:.2f}x), decode {dense['decode_tokens_per_s']:.1f} -> "
+            f"{pruned['decode_tokens_per_s']:.1f} tok/s ({speed['decode_speedup']:.2f}x) "
+            f"[{dense['device']} {dense['dtype']}]"
+        )
+    return lines
 
 
 def _eval(args: argparse.Namespace) -> int:

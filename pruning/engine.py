@@ -81,7 +81,12 @@ def prune(
         work = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
         work.mkdir()
     try:
-        manifest = _Job(request, work, reporter or silent, options or EngineOptions(), checkpoints).run()
+        job_class: type[_Job] = _Job
+        if request.structure is not None:
+            from shears.pruning.structure.job import StructuredJob
+
+            job_class = StructuredJob
+        manifest = job_class(request, work, reporter or silent, options or EngineOptions(), checkpoints).run()
         os.replace(work, out_dir)
         if checkpoints is not None:
             checkpoints.reset()  # the job is done: nothing left to resume

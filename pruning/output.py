@@ -114,6 +114,7 @@ def write_manifest(
     clock: dict[str, Any],
     compatibility: dict[str, Any] | None = None,
     attempts: list[dict[str, Any]] | None = None,
+    structure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": "shears-manifest/1",
@@ -144,6 +145,8 @@ def write_manifest(
     }
     if attempts is not None:  # a resumable job: where each attempt started (pruning.resume)
         manifest["attempts"] = attempts
+    if structure is not None:
+        manifest["structure"] = structure
     manifest["files"] = file_entries(folder)
     write_json(folder / MANIFEST, manifest)
     return manifest

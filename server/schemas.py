@@ -53,7 +53,9 @@ class JobOut(Out):
     request: Annotated[PruneRequest, SkipValidation]  # type: ignore[valid-type]
     error: JobError | None
     model_revision: str | None
-    result: dict[str, Any] | None = Field(None, description="perplexity and sparsity from the manifest")
+    result: dict[str, Any] | None = Field(
+        None, description="perplexity, sparsity and (structured jobs) sizes and speed from the manifest"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -131,6 +133,11 @@ def job_out(job: Job) -> JobOut:
     result = None
     if job.manifest:
         result = {key: job.manifest.get(key) for key in ("perplexity", "sparsity", "timings")}
+        structure = job.manifest.get("structure")
+        if structure:  # the summary; per-block indices stay in the manifest
+            result["structure"] = {
+                key: structure.get(key) for key in ("plan", "parameters", "bytes", "speed")
+            }
     return JobOut(
         id=job.id,
         status=job.status,

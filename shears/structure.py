@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 FRACTIONS = ("layers", "mlp", "heads", "experts")
-FLAGS = ("reconstruct", "layer_refit", "contiguous")
+FLAGS = ("reconstruct", "layer_refit", "contiguous", "speed")
 CHOICES = ("channel_score",)
 INTEGERS = ("granule",)
 _TRUE = {"1", "true", "yes", "on"}
@@ -20,7 +20,7 @@ def parse_structure(text: str) -> dict[str, Any]:
     """`key=value[,key=value...]` -> a dict for the request's `structure` field.
 
     Keys: layers, mlp, heads, experts (fractions), reconstruct, layer_refit, contiguous (true/false),
-    granule (integer), channel_score (a name). A ValueError says what to write instead.
+    speed (true/false), granule (integer), channel_score (a name). A ValueError says what to write instead.
     """
     known = (*FRACTIONS, *FLAGS, *CHOICES, *INTEGERS)
     result: dict[str, Any] = {}

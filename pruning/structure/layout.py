@@ -332,6 +332,10 @@ class ModelLayout:
 
     def output_shapes(self, index: int, new_index: int) -> dict[str, tuple[int, ...]]:
         """Output name -> shape of block `index` kept as `new_index`, sorted by name (the write order)."""
+        return {name: shape for name, (shape, _) in self.output_specs(index, new_index).items()}
+
+    def output_specs(self, index: int, new_index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Output name -> (shape, stored dtype) of block `index` kept as `new_index`, sorted by name."""
         result = {}
         for name in self.block_names(index):
             target = self._target(index, new_index, name, None)
@@ -341,8 +345,29 @@ class ModelLayout:
             shape = list(self.checkpoint.shapes[name])
             for rule, _ in slices:
                 shape[rule.axis] = rule.size(self._units(rule.kind)[1])
-            result[out_name] = tuple(shape)
+            result[out_name] = (tuple(shape), self.checkpoint.dtypes[name])
         return dict(sorted(result.items()))
+
+    def unit_squared_norms(self, index: int, kind: str, tensors: dict[str, Tensor]) -> Tensor:
+        """Per unit of `kind`, the squared norm of every weight it owns in block `index` (the
+        magnitude baseline's score). `tensors` are the block's checkpoint tensors."""
+        units = self.units(kind)
+        total = torch.zeros(units, dtype=torch.float64)
+        prefix = f"{self.checkpoint_prefix}.{index}."
+        for relative, rule_list in self.rules[index].params.items():
+            tensor = tensors.get(prefix + relative)
+            for rule in rule_list:
+                if rule.kind != kind or tensor is None:
+                    continue
+                dims = [d for d in range(tensor.dim()) if d != rule.axis]
+                along = tensor.float().square().sum(dim=dims) if dims else tensor.float().square()
+                offset = 0
+                for width in rule.segments:
+                    total += (
+                        along[offset : offset + units * width].reshape(units, width).sum(1).double().cpu()
+                    )
+                    offset += units * width
+        return total.float()
 
     def slice_block(
         self, index: int, new_index: int, tensors: dict[str, Tensor], kept: dict[str, Tensor]
@@ -410,3 +435,34 @@ def _signature(block: nn.Module) -> dict[str, Any]:
             if isinstance(value, str | int | float | bool) or value is None:
                 signature[f"{module_name}.{key}"] = value
     return signature
+
+
+def verify_structure(folder: Path, layout: ModelLayout, kept_blocks: list[int]) -> None:
+    """The written config builds a model whose every decoder-block parameter has its tensor on disk,
+    of its shape (fused experts stored per expert: one set per expert the config counts)."""
+    from transformers import AutoConfig
+
+    from shears.pruning.skeleton import find_blocks
+
+    config = AutoConfig.from_pretrained(folder)
+    _, blocks = find_blocks(_meta_model(config), len(kept_blocks))
+    written = Checkpoint(folder)
+    for new, block in enumerate(blocks):
+        prefix = f"{layout.checkpoint_prefix}.{new}."
+        for name, param in block.named_parameters():
+            stored = written.shapes.get(prefix + name)
+            if stored is not None:
+                if stored != tuple(param.shape):
+                    raise RuntimeError(
+                        f"verification: {prefix + name} on disk is {list(stored)}, the config builds "
+                        f"{list(param.shape)}"
+                    )
+                continue
+            module = prefix + name.rsplit(".", 1)[0] + "."
+            experts = {
+                m["index"]
+                for n in written.names
+                if n.startswith(module) and (m := _PER_EXPERT_KEY.match(n[len(prefix) :]))
+            }
+            if param.dim() != 3 or len(experts) != param.shape[0]:
+                raise RuntimeError(f"verification: {prefix + name} is missing from the written checkpoint")

@@ -54,6 +54,13 @@ def _submit(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
         {"dtype": "int4"},
         {"verify_runtimes": ["tensorrt"]},
         {"verify_runtimes": "vllm"},
+        {"method": "none"},  # prunes nothing without a structure
+        {"method": "none", "sparsity": None, "structure": {"mlp": 0.25}, "pattern": "2:4"},
+        {"structure": {"mlp": 1.0}},
+        {"structure": {"layers": -0.1}},
+        {"structure": {"heads": "some"}},
+        {"structure": {"mlp": 0.25, "granule": 0}},
+        {"structure": {"depth": 0.25}},
     ],
 )
 def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: dict[str, Any]) -> None:

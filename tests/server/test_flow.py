@@ -211,3 +211,27 @@ def test_failed_job_says_whose_fault(start_server, model_root: Path) -> None:
     assert not_ready.value.status == 409
     assert not list((server.data_dir / "jobs" / job["id"]).glob("attempt-*"))
     assert 'shears_jobs{status="failed"} 1.0' in client.metrics()
+
+
+def test_structured_job_over_http(start_server, model_root: Path, tmp_path: Path) -> None:
+    """`method: none` with a structure: a smaller folder, sizes in the job's result; an impossible
+    structure fails as the requester's fault with nothing kept."""
+    server = start_server()
+    client = ShearsClient(server.url)
+    body = {**job_request(model_root / "tiny"), "method": "none", "structure": {"layers": 0.5, "speed": False}}
+    del body["sparsity"], body["pattern"]
+    final = client.wait(client.submit(body)["id"], timeout=300, poll=0.2)
+    assert final["status"] == "succeeded", final["error"]
+    structure = final["result"]["structure"]
+    assert structure["parameters"]["after"] < structure["parameters"]["before"]
+    assert len(structure["plan"]["removed_blocks"]) == 1
+    dest = tmp_path / "download"
+    client.download(final["id"], dest)
+    config = json.loads((dest / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+
+    refused = {**body, "structure": {"mlp": 0.95}}
+    final = client.wait(client.submit(refused)["id"], timeout=120, poll=0.2)
+    assert final["status"] == "failed" and final["error"]["code"] == "invalid_request"
+    assert "below one granule" in final["error"]["message"]
+    assert not list((server.data_dir / "jobs" / final["id"]).glob("attempt-*"))

@@ -1,0 +1,230 @@
+"""Structured pruning through the real engine: a smaller standard folder, re-fits that help, nothing
+changed when nothing is removed, and bad requests refused before any work with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from shears.cli import main
+from shears.errors import InvalidRequest
+from shears.manifest import verify_files
+from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
+from shears.pruning.engine import prune
+from tests.pruning.structure_models import make_structure_model
+
+CALIB = CalibrationSpec(samples=4, seqlen=64, batch_size=2)
+EVAL = EvaluationSpec(seqlen=64, max_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("structure-engine")
+    return {family: make_structure_model(family, root / family) for family in ("llama", "gemma3")}
+
+
+def request(model: Path, method: str = "none", **fields: object) -> PruneRequest:
+    structure = {"granule": 32, "speed": False, **fields.pop("structure", {})}  # type: ignore[arg-type]
+    base: dict[str, object] = dict(
+        model=str(model), method=method, structure=structure, calibration=CALIB, evaluation=EVAL
+    )
+    return PruneRequest(**{**base, **fields})
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _loaded_logits(folder: Path) -> torch.Tensor:
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(3, 35).reshape(2, 16)).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_its_own(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from shears.calibration.windows import load_windows
+    from shears.pruning.evaluate import perplexity_of_folder
+
+    job = request(
+        models["llama"], structure={"layers": 0.25, "mlp": 0.5, "heads": 0.5}, compute_dtype="float32"
+    )
+    manifest = prune(job, tmp_path / "out")
+    out = tmp_path / "out"
+    assert verify_files(out, manifest) == []
+    structure = manifest["structure"]
+    plan = structure["plan"]
+    assert len(plan["removed_blocks"]) == 1 and len(plan["kept_blocks"]) == 3
+    assert plan["intermediate_size"] == 128 and plan["num_key_value_heads"] == 2
+    config = AutoConfig.from_pretrained(out)
+    assert (config.num_hidden_layers, config.intermediate_size) == (3, 128)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    on_disk = sum(t.numel() for t in _tensors(out).values())
+    assert structure["parameters"]["after"] == on_disk < structure["parameters"]["before"]
+    assert structure["bytes"]["after"] < structure["bytes"]["before"]
+    for block in structure["blocks"]:
+        assert len(block["mlp"]["removed"]) == 128 and len(block["heads"]["removed"]) == 2
+        assert 0 < block["output_error"] < 1
+    assert structure["layers"]["influence"] and len(structure["layers"]["influence"]) == 4
+    _loaded_logits(out)
+    # the engine's streamed "after" perplexity is the saved folder's own perplexity
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    windows = load_windows(CALIB, EVAL, tokenizer)
+    assert windows.evaluation is not None
+    saved = perplexity_of_folder(out, windows.evaluation, device=torch.device("cpu"))
+    assert saved.ppl == pytest.approx(manifest["perplexity"]["pruned"], rel=1e-4)
+
+
+def test_reconstruction_lowers_the_block_output_error(models: dict[str, Path], tmp_path: Path) -> None:
+    errors = {}
+    for reconstruct in (True, False):
+        job = request(models["llama"], structure={"mlp": 0.5, "heads": 0.5, "reconstruct": reconstruct})
+        manifest = prune(job, tmp_path / f"refit-{reconstruct}")
+        errors[reconstruct] = [b["output_error"] for b in manifest["structure"]["blocks"]]
+        consumer = manifest["structure"]["blocks"][0]["mlp"]["consumer_output_error"]
+        errors[f"consumer-{reconstruct}"] = consumer
+    # block 0 sees the same inputs in both runs; later blocks see their own pruned inputs
+    assert errors[True][0] < errors[False][0]
+    assert sum(errors[True]) < sum(errors[False])
+    assert errors["consumer-True"] < errors["consumer-False"]
+
+
+def test_nothing_removed_changes_nothing(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = models["gemma3"]
+    prune(request(folder, structure={"layers": 0.0, "mlp": 0.0}), tmp_path / "none")
+    dense, same = _tensors(folder), _tensors(tmp_path / "none")
+    assert dense.keys() == same.keys()
+    for name, tensor in dense.items():
+        assert tensor.dtype == same[name].dtype and tensor.view(torch.uint8).equal(
+            same[name].view(torch.uint8)
+        )
+    assert json.loads((tmp_path / "none" / "config.json").read_text()) == {
+        **json.loads((folder / "config.json").read_text())
+    }
+    # with a method: the same bytes as the method without a structure
+    a = prune(request(folder, "wanda", sparsity=0.5, structure={"layers": 0.0}), tmp_path / "a")
+    b = prune(
+        PruneRequest(model=str(folder), method="wanda", sparsity=0.5, calibration=CALIB, evaluation=EVAL),
+        tmp_path / "b",
+    )
+    weights = {e["name"]: e["sha256"] for e in a["files"] if e["name"].endswith(".safetensors")}
+    assert weights == {e["name"]: e["sha256"] for e in b["files"] if e["name"].endswith(".safetensors")}
+
+
+def test_sliding_layers_keep_their_types_and_a_method_runs_on_the_cut_model(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = models["gemma3"]
+    job = request(
+        folder,
+        "sparsegpt",
+        sparsity=0.5,
+        pattern="2:4",
+        structure={"layers": 0.34, "contiguous": True, "mlp": 0.5},
+    )
+    manifest = prune(job, tmp_path / "out")
+    removed = manifest["structure"]["plan"]["removed_blocks"]
+    assert len(removed) == 2 and removed[1] == removed[0] + 1  # one contiguous run
+    kept = manifest["structure"]["plan"]["kept_blocks"]
+    dense_types = AutoConfig.from_pretrained(folder).layer_types
+    assert AutoConfig.from_pretrained(tmp_path / "out").layer_types == [dense_types[i] for i in kept]
+    tensors = _tensors(tmp_path / "out")
+    assert manifest["layers"]
+    for name, layer in manifest["layers"].items():
+        weight = tensors[name + ".weight"]
+        assert layer["sparsity"] == 0.5 and (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1).max() <= 2
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (64, 128)
+    _loaded_logits(tmp_path / "out")
+
+
+def test_speed_is_measured_for_both_models(models: dict[str, Path], tmp_path: Path) -> None:
+    job = request(
+        models["llama"], structure={"layers": 0.5, "speed": True}, evaluation=EvaluationSpec(enabled=False)
+    )
+    speed = prune(job, tmp_path / "out")["structure"]["speed"]
+    for model in ("dense", "pruned"):
+        assert speed[model]["prefill_tokens_per_s"] > 0 and speed[model]["decode_tokens_per_s"] > 0
+        assert speed[model]["prefill_shape"] == [4, 512] and speed[model]["decode_tokens"] == 128
+    assert speed["prefill_speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("structure", "message"),
+    [
+        ({"layers": 0.99}, "remove all 4 decoder blocks"),
+        ({"heads": 0.5, "mlp": 0.95}, "below one granule"),
+        ({"experts": 0.25}, "dense model"),
+    ],
+)
+def test_impossible_structures_are_refused_before_any_work(
+    models: dict[str, Path], tmp_path: Path, structure: dict, message: str
+) -> None:
+    events: list = []
+    with pytest.raises(InvalidRequest, match=message):
+        prune(request(models["llama"], structure=structure), tmp_path / "out", reporter=events.append)
+    assert list(tmp_path.iterdir()) == []
+    assert [e.phase for e in events if e.kind == "phase"] == ["loading"]  # no calibration ran
+
+
+def test_one_kv_head_model_refuses_heads(tmp_path: Path) -> None:
+    from tests.tiny import make_tiny_model
+
+    folder = make_tiny_model("llama", tmp_path / "mqa", num_key_value_heads=1)
+    with pytest.raises(InvalidRequest, match="single key-value head"):
+        prune(request(folder, structure={"heads": 0.5}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "none"}, "give a structure"),
+        ({"method": "none", "structure": {"mlp": 0.25}, "sparsity": 0.5}, "sparsity"),
+        ({"method": "none", "structure": {"mlp": 0.25}, "pattern": "2:4"}, "pattern"),
+        ({"method": "wanda", "sparsity": 0.5, "structure": {"mlp": 1.0}}, "less than 1"),
+        ({"method": "wanda", "sparsity": 0.5, "structure": {"layers": -0.1}}, "greater than or equal to 0"),
+        ({"method": "wanda", "structure": {"mlp": 0.25}}, "sparsity is required"),
+        ({"method": "none", "structure": {"mlp": 0.25, "granule": 0}}, "granule"),
+    ],
+)
+def test_request_validation(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PruneRequest(model="m", **fields)
+
+
+def test_cli_structure_flag(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["prune", str(models["llama"]), "--method", "none", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*base, "--structure", "mlp=1.5"]) == 2
+    assert "less than 1" in capsys.readouterr().err
+    assert main([*base, "--structure", "mlp"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "give a structure" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    code = main(
+        [
+            *base,
+            "--structure",
+            "layers=0.25,granule=32,speed=false",
+            "--samples",
+            "2",
+            "--seqlen",
+            "32",
+            "--eval-seqlen",
+            "32",
+            "--eval-tokens",
+            "128",
+        ]
+    )
+    assert code == 0
+    assert "removed blocks" in capsys.readouterr().out
