@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument(
         "--structure",
         help="remove whole units first: layers=, mlp=, heads=, experts= (fractions), e.g. "
-        "'mlp=0.25,heads=0.25'; also reconstruct=, granule=, channel_score=, contiguous=, layer_refit=, speed=",
+        "'mlp=0.25,heads=0.25'; also reconstruct=, granule=, channel_score=, contiguous=, "
+        "layer_refit=, speed=",
     )
     prune.add_argument(
         "--sparsity", type=float, help="fraction of weights to zero; implied by an N:M pattern"

@@ -271,7 +271,8 @@ class _Job:
         )
         store = skeleton.device
         calib: list[Batch] = []
-        if METHODS[request.method].statistic != "none" or request.owl is not None:
+        needs_statistics = METHODS[request.method].statistic != "none" or request.owl is not None
+        if needs_statistics or request.structure is not None:
             batch_size = request.calibration.batch_size
             if store.type == "cpu":
                 # Sums of statistics do not depend on the batching; a CPU forward's temporaries

@@ -38,6 +38,7 @@ def residual_writer(block: nn.Module, hidden: int) -> str | None:
 @torch.inference_mode()
 def bridge_run(
     block: nn.Module,
+    position: int,
     writer: str,
     skeleton: Skeleton,
     run: list[int],
@@ -46,16 +47,17 @@ def bridge_run(
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """The re-fitted weight of `writer` in `block` (None if the re-fit does not apply) and a record.
 
-    `calib` holds block p's inputs and is left unchanged; `block` is left unchanged too.
+    `block` is block p (at `position` in the dense numbering, for its arguments); `calib` holds its
+    inputs and is left unchanged; `block` is left unchanged too.
     """
     device = skeleton.device
     layer: nn.Linear = block.get_submodule(writer)
     # 1. block p's outputs, carried through the removed run: h_q
-    carried = [Batch(run_block(block, batch, device), batch.kwargs) for batch in calib]
+    carried = [Batch(run_block(block, position, batch, device), batch.calls) for batch in calib]
     for index in run:
         removed = skeleton.materialize_block(index)
         for batch in carried:
-            advance(removed, batch, device)
+            advance(removed, index, batch, device)
         skeleton.release_block(index)
     # 2. statistics of the writer's inputs x and of delta = h_q - h_p
     columns = layer.in_features
@@ -68,7 +70,7 @@ def bridge_run(
     try:
         with ieee_fp32_matmul():
             for batch, target in zip(calib, carried, strict=True):
-                out = run_block(block, batch, device)
+                out = run_block(block, position, batch, device)
                 x = inputs.pop().reshape(-1, columns).float()
                 delta = (target.hidden.float() - out.float()).reshape(-1, layer.out_features)
                 second += (x.T @ x).double()
@@ -93,26 +95,26 @@ def bridge_run(
     }
     original = layer.weight.data.clone()
     refitted = original.float() + update
-    if not _linear_in(block, layer, refitted, calib[0], device):
+    if not _linear_in(block, position, layer, refitted, calib[0], device):
         record["skipped"] = "the block's output is not linear in this layer (a norm follows it)"
         return None, record
     return refitted, record
 
 
 def _linear_in(
-    block: nn.Module, layer: nn.Linear, weight: Tensor, batch: Batch, device: torch.device
+    block: nn.Module, position: int, layer: nn.Linear, weight: Tensor, batch: Batch, device: torch.device
 ) -> bool:
     """Whether changing the layer's weight moves the block output by exactly the layer's change."""
     inputs: list[Tensor] = []
     handle = layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     try:
-        before = run_block(block, batch, device).float()
+        before = run_block(block, position, batch, device).float()
     finally:
         handle.remove()
     original = layer.weight.data.clone()
     layer.weight.data.copy_(weight.to(original.dtype))
     try:
-        after = run_block(block, batch, device).float()
+        after = run_block(block, position, batch, device).float()
     finally:
         layer.weight.data.copy_(original)
     predicted = (inputs[0].float() @ (weight.to(original.dtype).float() - original.float()).T).to(

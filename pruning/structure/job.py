@@ -85,7 +85,7 @@ class StructuredJob(_Job):
         if not eval_ids:
             skeleton.release_outside()
         release_freed_memory()
-        pruned_eval = [Batch(b.hidden.clone(), b.kwargs) for b in dense_eval]
+        pruned_eval = [b.clone() for b in dense_eval]
         specs = self._specs(layout, kept_blocks)
         writer = ShardWriter(self.work, plan_shards(specs, self.options.max_shard_bytes))
         try:
@@ -190,7 +190,7 @@ class StructuredJob(_Job):
             block = skeleton.materialize_block(index)
             with torch.inference_mode():
                 for batch in dense_eval:
-                    advance(block, batch, device)
+                    advance(block, index, batch, device)
             if index not in new_index:
                 skeleton.release_block(index)
                 self._progress(index, skeleton.num_blocks)
@@ -205,19 +205,21 @@ class StructuredJob(_Job):
             cut = _load_block(pruned, layout, new, sliced)
             run = _run_after(index, new_index, skeleton.num_blocks)
             if self.spec.layer_refit and run:
-                record["layer_refit"] = self._bridge(cut, pruned, layout, new, run, skeleton, calib, sliced)
+                record["layer_refit"] = self._bridge(
+                    cut, index, pruned, layout, new, run, skeleton, calib, sliced
+                )
             if targets:
                 chosen, linears, masters = self._sparsity_layers(pruned, layout, new, targets, sliced)
                 outputs = scratch if measured else dense_out
                 layer_results, dense_known = prune_block(
-                    cut, linears, chosen, masters, calib, self.request, device, outputs
+                    cut, index, linears, chosen, masters, calib, self.request, device, outputs
                 )
                 measured = measured or dense_known
                 for name, weight in masters.items():
                     sliced[_checkpoint_name(pruned, layout, name + ".weight")] = weight
                 results += layer_results
             record["output_error"] = self._advance(
-                cut, calib, pruned_eval, dense_out if measured else None, sampled
+                cut, index, calib, pruned_eval, dense_out if measured else None, sampled
             )
             record["output_error_tokens"] = sampled_tokens if measured else 0
             record["seconds"] = round(record.get("seconds", 0.0), 4)
@@ -235,6 +237,7 @@ class StructuredJob(_Job):
     def _bridge(
         self,
         cut: nn.Module,
+        index: int,
         pruned: Skeleton,
         layout: ModelLayout,
         new: int,
@@ -247,7 +250,7 @@ class StructuredJob(_Job):
         writer = residual_writer(cut, calib[0].hidden.shape[-1])
         if writer is None:
             return {"run": run, "skipped": "no linear layer writes the residual stream"}
-        weight, record = bridge_run(cut, writer, skeleton, run, calib, self.spec.damp)
+        weight, record = bridge_run(cut, index, writer, skeleton, run, calib, self.spec.damp)
         if weight is not None:
             layer = cut.get_submodule(writer)
             layer.weight.data.copy_(weight.to(layer.weight.dtype))
@@ -294,7 +297,7 @@ class StructuredJob(_Job):
             consumer = rules.consumers[kind]
             module = block.get_submodule(consumer)
             with input_moments(module, device) as moments:
-                forward_all(block, calib, device, None if measured else dense_out)
+                forward_all(block, index, calib, device, None if measured else dense_out)
             measured = True
             units, keep = layout.units(kind), _keep(layout, kind)
             (rule,) = [r for r in rules.params[consumer + ".weight"] if r.axis == 1 and r.kind == kind]
@@ -346,7 +349,7 @@ class StructuredJob(_Job):
             module = block.get_submodule(rules.experts_module)
             units = layout.units("experts")
             with expert_saliency(module, units, device) as saliency:
-                forward_all(block, calib, device, None if measured else dense_out)
+                forward_all(block, index, calib, device, None if measured else dense_out)
             measured = True
             kept["experts"] = solvers.top_units(saliency.scores.cpu(), _keep(layout, "experts"))
             record["experts"] = {
@@ -384,6 +387,7 @@ class StructuredJob(_Job):
     def _advance(
         self,
         block: nn.Module,
+        index: int,
         calib: list[Batch],
         pruned_eval: list[Batch],
         dense: list[Tensor] | None,
@@ -393,14 +397,14 @@ class StructuredJob(_Job):
         output error against the dense block on the leading calibration batches."""
         squared_error = squared_norm = 0.0
         for position, batch in enumerate(calib):
-            out = run_block(block, batch, self._device)
+            out = run_block(block, index, batch, self._device)
             if dense is not None and position < sampled:
                 reference = dense[position].float()
                 squared_error += float((out.float() - reference).square().sum())
                 squared_norm += float(reference.square().sum())
             batch.hidden.copy_(out)
         for batch in pruned_eval:
-            advance(block, batch, self._device)
+            advance(block, index, batch, self._device)
         return squared_error / squared_norm if squared_norm else None
 
     def _perplexity(

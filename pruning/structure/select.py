@@ -107,14 +107,18 @@ def expert_saliency(module: nn.Module, experts: int, device: torch.device) -> It
 
 @torch.inference_mode()
 def forward_all(
-    block: nn.Module, batches: list[Batch], device: torch.device, outputs: list[Tensor] | None = None
+    block: nn.Module,
+    index: int,
+    batches: list[Batch],
+    device: torch.device,
+    outputs: list[Tensor] | None = None,
 ) -> None:
-    """Run the block over every batch (hooks collect what they collect); the leading batches'
-    outputs go into `outputs` if given."""
-    for index, batch in enumerate(batches):
-        out = run_block(block, batch, device)
-        if outputs is not None and index < len(outputs):
-            outputs[index].copy_(out)
+    """Run block `index` (of the dense numbering: its arguments) over every batch, hooks collecting
+    what they collect; the leading batches' outputs go into `outputs` if given."""
+    for position, batch in enumerate(batches):
+        out = run_block(block, index, batch, device)
+        if outputs is not None and position < len(outputs):
+            outputs[position].copy_(out)
 
 
 def unit_scores(
@@ -157,7 +161,7 @@ def score_layers(skeleton: Skeleton, calib: list[Batch], run: int | None) -> Lay
     boundary is kept (at most BOUNDARY_BYTES in all) to measure the distance across each run.
     """
     device = skeleton.device
-    stream = [Batch(batch.hidden.clone(), batch.kwargs) for batch in calib]
+    stream = [batch.clone() for batch in calib]
     hidden = stream[0].hidden.shape[-1]
     total_tokens = sum(b.hidden.shape[:-1].numel() for b in stream)
     boundaries: list[Tensor] = []
@@ -171,7 +175,7 @@ def score_layers(skeleton: Skeleton, calib: list[Batch], run: int | None) -> Lay
         block = skeleton.materialize_block(index)
         cos_total, tokens = 0.0, 0
         for batch in stream:
-            out = run_block(block, batch, device)
+            out = run_block(block, index, batch, device)
             part, count = solvers.cosine_sum(batch.hidden, out)
             cos_total, tokens = cos_total + part, tokens + count
             batch.hidden.copy_(out)

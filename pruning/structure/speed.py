@@ -33,7 +33,7 @@ class Speed:
     device: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "prefill_shape": list(self.prefill_shape)}
 
 
 def _sync(device: torch.device) -> None:
@@ -60,10 +60,14 @@ def measure_speed(
     device: torch.device,
     dtype: torch.dtype,
     repeats: int = 3,
-    prefill_shape: tuple[int, int] = PREFILL_SHAPE,
-    decode_tokens: int = DECODE_TOKENS,
+    prefill_shape: tuple[int, int] | None = None,
+    decode_tokens: int | None = None,
 ) -> Speed:
+    """Tokens/s of the folder's model; shapes default to the module's PREFILL_SHAPE / DECODE_TOKENS."""
     from transformers import AutoModelForCausalLM
+
+    prefill_shape = prefill_shape or PREFILL_SHAPE
+    decode_tokens = decode_tokens or DECODE_TOKENS
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     vocab = model.get_input_embeddings().weight.shape[0]

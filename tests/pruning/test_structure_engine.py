@@ -21,6 +21,7 @@ from tests.pruning.structure_models import make_structure_model
 
 CALIB = CalibrationSpec(samples=4, seqlen=64, batch_size=2)
 EVAL = EvaluationSpec(seqlen=64, max_tokens=256)
+NO_EVAL = EvaluationSpec(enabled=False)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_reconstruction_lowers_the_block_output_error(models: dict[str, Path], t
 
 def test_nothing_removed_changes_nothing(models: dict[str, Path], tmp_path: Path) -> None:
     folder = models["gemma3"]
-    prune(request(folder, structure={"layers": 0.0, "mlp": 0.0}), tmp_path / "none")
+    prune(request(folder, structure={"layers": 0.0, "mlp": 0.0}, evaluation=NO_EVAL), tmp_path / "none")
     dense, same = _tensors(folder), _tensors(tmp_path / "none")
     assert dense.keys() == same.keys()
     for name, tensor in dense.items():
@@ -112,9 +113,11 @@ def test_nothing_removed_changes_nothing(models: dict[str, Path], tmp_path: Path
         **json.loads((folder / "config.json").read_text())
     }
     # with a method: the same bytes as the method without a structure
-    a = prune(request(folder, "wanda", sparsity=0.5, structure={"layers": 0.0}), tmp_path / "a")
+    a = prune(
+        request(folder, "wanda", sparsity=0.5, structure={"layers": 0.0}, evaluation=NO_EVAL), tmp_path / "a"
+    )
     b = prune(
-        PruneRequest(model=str(folder), method="wanda", sparsity=0.5, calibration=CALIB, evaluation=EVAL),
+        PruneRequest(model=str(folder), method="wanda", sparsity=0.5, calibration=CALIB, evaluation=NO_EVAL),
         tmp_path / "b",
     )
     weights = {e["name"]: e["sha256"] for e in a["files"] if e["name"].endswith(".safetensors")}
@@ -147,15 +150,20 @@ def test_sliding_layers_keep_their_types_and_a_method_runs_on_the_cut_model(
     _loaded_logits(tmp_path / "out")
 
 
-def test_speed_is_measured_for_both_models(models: dict[str, Path], tmp_path: Path) -> None:
-    job = request(
-        models["llama"], structure={"layers": 0.5, "speed": True}, evaluation=EvaluationSpec(enabled=False)
-    )
+def test_speed_is_measured_for_both_models(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shears.pruning.structure import speed as speed_module
+
+    # The job times 4 x 512 prefill and 128 decode steps; a test needs far less to see it wired.
+    monkeypatch.setattr(speed_module, "PREFILL_SHAPE", (2, 32))
+    monkeypatch.setattr(speed_module, "DECODE_TOKENS", 4)
+    job = request(models["llama"], structure={"layers": 0.5, "speed": True}, evaluation=NO_EVAL)
     speed = prune(job, tmp_path / "out")["structure"]["speed"]
     for model in ("dense", "pruned"):
         assert speed[model]["prefill_tokens_per_s"] > 0 and speed[model]["decode_tokens_per_s"] > 0
-        assert speed[model]["prefill_shape"] == [4, 512] and speed[model]["decode_tokens"] == 128
-    assert speed["prefill_speedup"] > 0
+        assert speed[model]["prefill_shape"] == [2, 32] and speed[model]["decode_tokens"] == 4
+    assert speed["prefill_speedup"] > 0 and speed["decode_speedup"] > 0
 
 
 @pytest.mark.parametrize(

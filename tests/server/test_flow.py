@@ -218,7 +218,11 @@ def test_structured_job_over_http(start_server, model_root: Path, tmp_path: Path
     structure fails as the requester's fault with nothing kept."""
     server = start_server()
     client = ShearsClient(server.url)
-    body = {**job_request(model_root / "tiny"), "method": "none", "structure": {"layers": 0.5, "speed": False}}
+    body = {
+        **job_request(model_root / "tiny"),
+        "method": "none",
+        "structure": {"layers": 0.5, "speed": False},
+    }
     del body["sparsity"], body["pattern"]
     final = client.wait(client.submit(body)["id"], timeout=300, poll=0.2)
     assert final["status"] == "succeeded", final["error"]
