@@ -58,7 +58,9 @@ def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_it
     from shears.pruning.evaluate import perplexity_of_folder
 
     job = request(
-        models["llama"], structure={"layers": 0.25, "mlp": 0.5, "heads": 0.5}, compute_dtype="float32"
+        models["llama"],
+        structure={"layers": 0.25, "mlp": 0.5, "heads": 0.5, "layer_refit": True},
+        compute_dtype="float32",
     )
     manifest = prune(job, tmp_path / "out")
     out = tmp_path / "out"
@@ -77,6 +79,11 @@ def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_it
         assert len(block["mlp"]["removed"]) == 128 and len(block["heads"]["removed"]) == 2
         assert 0 < block["output_error"] < 1
     assert structure["layers"]["influence"] and len(structure["layers"]["influence"]) == 4
+    (removed,) = plan["removed_blocks"]
+    if removed > 0:  # the block before the removed one was re-fitted to carry it
+        (refit,) = [b["layer_refit"] for b in structure["blocks"] if "layer_refit" in b]
+        assert refit["run"] == [removed] and refit["writer"] == "mlp.down_proj"
+        assert 0 < refit["explained"] < 1 and "skipped" not in refit
     _loaded_logits(out)
     # the engine's streamed "after" perplexity is the saved folder's own perplexity
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -138,6 +145,8 @@ def test_sliding_layers_keep_their_types_and_a_method_runs_on_the_cut_model(
     manifest = prune(job, tmp_path / "out")
     removed = manifest["structure"]["plan"]["removed_blocks"]
     assert len(removed) == 2 and removed[1] == removed[0] + 1  # one contiguous run
+    refits = [b["layer_refit"] for b in manifest["structure"]["blocks"] if "layer_refit" in b]
+    assert all("not linear" in r["skipped"] for r in refits)  # Gemma normalises the MLP output
     kept = manifest["structure"]["plan"]["kept_blocks"]
     dense_types = AutoConfig.from_pretrained(folder).layer_types
     assert AutoConfig.from_pretrained(tmp_path / "out").layer_types == [dense_types[i] for i in kept]
