@@ -32,18 +32,12 @@ from shears.pruning.resources import release_freed_memory
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, find_blocks
 from shears.pruning.streaming import Batch, advance, run_block
-from shears.pruning.structure import solvers
 from shears.pruning.structure.bridge import bridge_run, residual_writer
 from shears.pruning.structure.layout import ModelLayout, _meta_model, check_kept_block_types, verify_structure
 from shears.pruning.structure.plan import plan_structure
-from shears.pruning.structure.select import (
-    choose_units,
-    expert_saliency,
-    forward_all,
-    input_moments,
-    removed_blocks,
-    score_layers,
-)
+from shears.pruning.structure.select import removed_blocks, score_layers
+from shears.pruning.structure.speed import compare_speed
+from shears.pruning.structure.widths import cut_widths
 
 
 class StructuredJob(_Job):
@@ -122,7 +116,9 @@ class StructuredJob(_Job):
         }
         if self.spec.speed:
             with self.clock.phase("benchmarking", "timing the dense and the pruned model"):
-                structure["speed"] = self._speed(model.path, skeleton, structure["bytes"]["before"])
+                structure["speed"] = compare_speed(
+                    model.path, self.work, skeleton.device, skeleton.dtype, structure["bytes"]["before"]
+                )
         manifest = write_manifest(
             self.work,
             request=request,
@@ -198,9 +194,11 @@ class StructuredJob(_Job):
             new = new_index[index]
             tensors = skeleton.checkpoint.load(layout.block_names(index))
             record: dict[str, Any] = {"index": index, "new_index": new}
-            measured = self._cut_widths(layout, index, block, tensors, calib, dense_out, record)
+            kept, measured = cut_widths(
+                layout, index, block, tensors, calib, dense_out, self.spec, device, record
+            )
             skeleton.release_block(index)
-            sliced = layout.slice_block(index, new, tensors, record.pop("_kept"))
+            sliced = layout.slice_block(index, new, tensors, kept)
             del tensors
             cut = _load_block(pruned, layout, new, sliced)
             run = _run_after(index, new_index, skeleton.num_blocks)
@@ -270,102 +268,6 @@ class StructuredJob(_Job):
             )
         )
 
-    def _cut_widths(
-        self,
-        layout: ModelLayout,
-        index: int,
-        block: nn.Module,
-        tensors: dict[str, Tensor],
-        calib: list[Batch],
-        dense_out: list[Tensor],
-        record: dict[str, Any],
-    ) -> bool:
-        """Choose the kept heads, channels and experts of a block, re-fitting each consumer in
-        `tensors` (and in the block, so that later statistics see the pruned block). Leaves the
-        kept units under record["_kept"]; returns whether `dense_out` holds the dense outputs."""
-        import time
-
-        spec, device = self.spec, self.skeleton_device
-        rules = layout.rules[index]
-        prefix = f"{layout.checkpoint_prefix}.{index}."
-        kept: dict[str, Tensor] = {}
-        measured = False
-        start = time.perf_counter()
-        for kind in ("heads", "mlp"):
-            if kind not in layout.plan.width_kinds or kind not in rules.consumers:
-                continue
-            consumer = rules.consumers[kind]
-            module = block.get_submodule(consumer)
-            with input_moments(module, device) as moments:
-                forward_all(block, index, calib, device, None if measured else dense_out)
-            measured = True
-            units, keep = layout.units(kind), _keep(layout, kind)
-            (rule,) = [r for r in rules.params[consumer + ".weight"] if r.axis == 1 and r.kind == kind]
-            weight_name, bias_name = prefix + consumer + ".weight", prefix + consumer + ".bias"
-            weight = tensors[weight_name].to(device)
-            bias = tensors[bias_name].to(device) if bias_name in tensors else None
-            magnitude = (
-                layout.unit_squared_norms(index, kind, tensors) if spec.channel_score == "magnitude" else None
-            )
-            kept_units = choose_units(
-                spec.channel_score, weight, moments, sum(rule.segments), keep, spec.damp, magnitude
-            ).cpu()
-            columns = rule.index(kept_units, units).to(device)
-            removed_columns = _complement(columns, weight.shape[1])
-            if spec.reconstruct:
-                fitted, new_bias = solvers.refit_consumer(
-                    weight,
-                    moments.second,
-                    columns,
-                    spec.damp,
-                    bias=bias,
-                    mean=moments.mean if bias is not None else None,
-                )
-            else:
-                fitted = weight[:, columns].float()
-                new_bias = (
-                    solvers.compensate_bias(weight, bias, moments.mean, removed_columns)
-                    if bias is not None
-                    else None
-                )
-            error = solvers.output_error(
-                weight, moments.second, fitted, columns, bias=bias, new_bias=new_bias, mean=moments.mean
-            )
-            padded = torch.zeros(weight.shape, dtype=torch.float32, device=device)
-            padded[:, columns] = fitted
-            tensors[weight_name] = padded.to(tensors[weight_name].dtype).cpu()
-            module.weight.data.copy_(padded.to(module.weight.dtype))
-            if bias is not None and new_bias is not None:
-                tensors[bias_name] = new_bias.to(tensors[bias_name].dtype).cpu()
-                module.bias.data.copy_(new_bias.to(module.bias.dtype))
-            kept[kind] = kept_units
-            record[kind] = {
-                "removed": _complement(kept_units, units).tolist(),
-                "kept": len(kept_units),
-                "consumer": consumer,
-                "consumer_output_error": error,
-            }
-        if "experts" in layout.plan.width_kinds and rules.experts_module is not None:
-            module = block.get_submodule(rules.experts_module)
-            units = layout.units("experts")
-            with expert_saliency(module, units, device) as saliency:
-                forward_all(block, index, calib, device, None if measured else dense_out)
-            measured = True
-            kept["experts"] = solvers.top_units(saliency.scores.cpu(), _keep(layout, "experts"))
-            record["experts"] = {
-                "removed": _complement(kept["experts"], units).tolist(),
-                "kept": len(kept["experts"]),
-                "saliency": [round(float(v), 6) for v in saliency.scores],
-                "routed_tokens": saliency.tokens.tolist(),
-            }
-        record["_kept"] = kept
-        record["seconds"] = time.perf_counter() - start
-        return measured
-
-    @property
-    def skeleton_device(self) -> torch.device:
-        return self._device
-
     def _sparsity_layers(
         self,
         pruned: Skeleton,
@@ -425,21 +327,6 @@ class StructuredJob(_Job):
             "nll_pruned": after.nll,
         }
 
-    def _speed(self, source: Path, skeleton: Skeleton, weight_bytes: int) -> dict[str, Any]:
-        from shears.pruning.structure.speed import fits_in_memory, measure_speed
-
-        device = skeleton.device
-        if not fits_in_memory(weight_bytes, device):
-            return {"skipped": "the whole model does not fit in memory three times over"}
-        dense = measure_speed(source, device=device, dtype=skeleton.dtype)
-        pruned = measure_speed(self.work, device=device, dtype=skeleton.dtype)
-        return {
-            "dense": dense.to_dict(),
-            "pruned": pruned.to_dict(),
-            "prefill_speedup": pruned.prefill_tokens_per_s / dense.prefill_tokens_per_s,
-            "decode_speedup": pruned.decode_tokens_per_s / dense.decode_tokens_per_s,
-        }
-
     def _load(self) -> Any:
         loaded = super()._load()
         self._device = loaded[1].device
@@ -463,19 +350,6 @@ def _run_after(index: int, kept: dict[int, int], total: int) -> list[int]:
             break
         run.append(following)
     return run
-
-
-def _keep(layout: ModelLayout, kind: str) -> int:
-    plan = layout.plan
-    keep = {"mlp": plan.mlp_keep, "heads": plan.kv_keep, "experts": plan.experts_keep}[kind]
-    assert keep is not None
-    return keep
-
-
-def _complement(kept: Tensor, size: int) -> Tensor:
-    mask = torch.ones(size, dtype=torch.bool, device=kept.device)
-    mask[kept] = False
-    return mask.nonzero().flatten()
 
 
 def _out_dtype(source: torch.dtype, requested: torch.dtype | None) -> torch.dtype:

@@ -117,3 +117,19 @@ def fits_in_memory(weight_bytes: int, device: torch.device, factor: float = 3.0)
         return weight_bytes * factor < psutil.virtual_memory().available
     except ImportError:  # a bare GPU box may lack psutil: measure nothing rather than risk it
         return False
+
+
+def compare_speed(
+    dense: Path, pruned: Path, device: torch.device, dtype: torch.dtype, weight_bytes: int
+) -> dict[str, Any]:
+    """Both models timed the same way, and the pruned model's speed-ups."""
+    if not fits_in_memory(weight_bytes, device):
+        return {"skipped": "the whole model does not fit in memory three times over"}
+    before = measure_speed(dense, device=device, dtype=dtype)
+    after = measure_speed(pruned, device=device, dtype=dtype)
+    return {
+        "dense": before.to_dict(),
+        "pruned": after.to_dict(),
+        "prefill_speedup": after.prefill_tokens_per_s / before.prefill_tokens_per_s,
+        "decode_speedup": after.decode_tokens_per_s / before.decode_tokens_per_s,
+    }

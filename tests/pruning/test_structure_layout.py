@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from shears.errors import InvalidRequest
 from shears.pruning.config import StructureSpec
-from shears.pruning.structure.layout import ModelLayout, check_kept_block_types
+from shears.pruning.structure.layout import ModelLayout, check_kept_block_types, verify_structure
 from shears.pruning.structure.plan import dimensions, plan_structure
 from tests.pruning.structure_models import FAMILIES, make_structure_model
 
@@ -56,6 +56,7 @@ def _write(
     for path in layout.folder.iterdir():
         if "token" in path.name:
             shutil.copy(path, out / path.name)
+    verify_structure(out, layout, kept_blocks)
 
 
 def _silenced(folder: Path, layout: ModelLayout, kept_blocks: list[int], kept: dict, out: Path) -> None:
@@ -209,3 +210,40 @@ def test_one_kv_head_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(InvalidRequest, match="single key-value head"):
         plan_structure(StructureSpec(heads=0.5), dimensions(config), "llama")
+
+
+def test_verification_catches_a_config_that_disagrees_with_the_weights(
+    family_models: dict[str, Path], tmp_path: Path
+) -> None:
+    layout = _layout(family_models["llama"], mlp=0.5)
+    kept = _random_kept(layout, seed=2)
+    _write(layout, [0, 1, 2, 3], kept, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["intermediate_size"] = 256
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="the config builds"):
+        verify_structure(tmp_path / "out", layout, [0, 1, 2, 3])
+
+
+def test_reap_saliency_on_a_real_moe_block(family_models: dict[str, Path]) -> None:
+    """Per expert: the routed token count and the mean of gate weight x ||expert output||."""
+    from shears.pruning.structure.select import expert_saliency
+
+    model = AutoModelForCausalLM.from_pretrained(family_models["qwen3_moe"]).eval()
+    moe = model.model.layers[1].mlp
+    hidden = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), expert_saliency(moe.experts, 8, torch.device("cpu")) as saliency:
+        moe(hidden)
+        flat = hidden.reshape(-1, 64)
+        _, weights, index = moe.gate(flat)
+    assert int(saliency.tokens.sum()) == index.numel()  # every (token, slot) routed once
+    for expert in range(8):
+        rows, slots = (index == expert).nonzero(as_tuple=True)
+        assert int(saliency.tokens[expert]) == len(rows)
+        if len(rows) == 0:
+            assert float(saliency.scores[expert]) == 0.0
+            continue
+        gate, up = torch.nn.functional.linear(flat[rows], moe.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        out = torch.nn.functional.linear(moe.experts.act_fn(gate) * up, moe.experts.down_proj[expert])
+        expected = (out.norm(dim=-1) * weights[rows, slots]).mean()
+        assert float(saliency.scores[expert]) == pytest.approx(float(expected), rel=1e-4)
