@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shears.progress import Event
+from shears.pruning.methods import NO_METHOD
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument(
         "--method",
         required=True,
-        choices=list(METHODS),
-        help="'none' with --structure: structured pruning alone",
+        choices=[*METHODS, NO_METHOD],
+        help=f"'{NO_METHOD}' with --structure: structured pruning alone",
     )
     prune.add_argument(
         "--structure",
@@ -134,7 +135,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     from shears.pruning.methods import METHODS
 
     given = {f: v for f in _method_option_fields() if (v := getattr(args, f"option_{f}")) is not None}
-    options = METHODS[args.method].options
+    entry = METHODS.get(args.method)
+    options = entry.options if entry is not None else None
     stray = sorted(set(given) - set(options.model_fields if options else ()))
     if stray:
         flags = ", ".join("--" + f.replace("_", "-") for f in stray)
@@ -167,7 +169,7 @@ def _request_from_args(args: argparse.Namespace) -> Any:
     if args.request:
         return PruneRequest.model_validate_json(args.request.read_text())
     sparsity = args.sparsity
-    if sparsity is None and args.method != "none":
+    if sparsity is None and args.method != NO_METHOD:
         sparsity = Pattern.parse(args.pattern).sparsity
         if sparsity is None:
             raise ValueError("--sparsity is required for an unstructured pattern")
@@ -291,7 +293,7 @@ def report_text(manifest: dict[str, Any]) -> str:
         f"model      {manifest['model']['spec']} ({manifest['model']['architecture']}, "
         f"{manifest['model']['num_blocks']} blocks)",
     ]
-    if request["method"] != "none":
+    if request["method"] != NO_METHOD:
         lines += [
             f"method     {request['method']} {request['pattern']} target {sparsity['target']:.3f}",
             f"sparsity   {sparsity['achieved']:.4f} over {sparsity['pruned_layers']} layers "

@@ -18,14 +18,15 @@ from pydantic import (
 from shears.calibration.spec import CalibrationSpec, EvaluationSpec
 from shears.pattern import Pattern
 from shears.pruning.layer_regex import MAX_COUNT, MAX_LENGTH, compile_layer_regex
-from shears.pruning.methods import METHODS
+from shears.pruning.methods import METHODS, NO_METHOD
 from shears.pruning.structure.spec import StructureSpec
 from shears.schema import Strict
 
 __all__ = ["CalibrationSpec", "EngineOptions", "EvaluationSpec", "PruneRequest", "StructureSpec"]
 
 # The method names come from the registry (pruning.methods); a Literal so the schema lists them.
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+# ...plus NO_METHOD ("none"): only the request's structure prunes.
+MethodName = Literal[(*METHODS, NO_METHOD)]  # type: ignore[valid-type]
 OutputFormat = Literal["dense", "packed"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -59,7 +60,9 @@ class _Request(Strict):
     model: str = Field(..., min_length=1, max_length=512, examples=["smollm2-135m"])
     revision: str | None = Field(None, max_length=128)
     method: MethodName = Field(
-        ..., description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
+        ...,
+        description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
+        + f"; {NO_METHOD}: no weights zeroed, only the structure prunes (needs a structure)",
     )
     sparsity: Annotated[float, Field(gt=0, lt=1)] | None = Field(
         None, description="fraction of weights to zero; implied by an N:M pattern; none for method 'none'"
@@ -100,7 +103,7 @@ class _Request(Strict):
     @classmethod
     def _implied_sparsity(cls, data: object) -> object:
         """An N:M pattern implies its sparsity (the CLIs computed it; HTTP users need not)."""
-        if isinstance(data, dict) and data.get("sparsity") is None and data.get("method") != "none":
+        if isinstance(data, dict) and data.get("sparsity") is None and data.get("method") != NO_METHOD:
             try:
                 implied = Pattern.parse(data.get("pattern", "unstructured")).sparsity
             except ValueError:
@@ -112,7 +115,8 @@ class _Request(Strict):
     @property
     def method_options(self) -> Strict | None:
         """The chosen method's options block, or None if the method takes none."""
-        return getattr(self, self.method) if METHODS[self.method].options is not None else None
+        entry = METHODS.get(self.method)
+        return getattr(self, self.method) if entry is not None and entry.options is not None else None
 
     @field_validator("ignore")
     @classmethod
@@ -131,7 +135,7 @@ class _Request(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> _Request:
         pattern = self.pattern
-        if self.method == "none":
+        if self.method == NO_METHOD:
             self._check_structure_only()
             return self
         if self.sparsity is None:

@@ -271,8 +271,10 @@ class _Job:
         )
         store = skeleton.device
         calib: list[Batch] = []
-        needs_statistics = METHODS[request.method].statistic != "none" or request.owl is not None
-        if needs_statistics or request.structure is not None:
+        # A structure always needs the calibration inputs (its statistics, the block output error).
+        method = METHODS.get(request.method)
+        reads_inputs = method is not None and method.statistic != "none"
+        if reads_inputs or request.owl is not None or request.structure is not None:
             batch_size = request.calibration.batch_size
             if store.type == "cpu":
                 # Sums of statistics do not depend on the batching; a CPU forward's temporaries

@@ -103,12 +103,6 @@ METHODS: dict[str, Method] = {
             summary="Wanda (Sun et al. 2024): |W| x input norm, compared within each output row",
         ),
         Method(
-            "none",
-            statistic="none",
-            solver="none",
-            summary="no weights zeroed: structured pruning alone (needs a structure)",
-        ),
-        Method(
             "magnitude",
             statistic="none",
             solver="magnitude",
@@ -116,6 +110,11 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+
+# A request's method when only its `structure` prunes: no weights are zeroed, so it is no entry of
+# METHODS (every entry prunes to a sparsity); the request schema and `shears prune` accept it too.
+NO_METHOD = "none"
 
 
 def method_named(name: str) -> Method:

@@ -26,6 +26,7 @@ from shears.pruning.block_pruner import LayerResult, prune_block
 from shears.pruning.config import StructureSpec
 from shears.pruning.engine import ERROR_SAMPLE_TOKENS, _Job, _leading_batches
 from shears.pruning.evaluate import finish
+from shears.pruning.methods import METHODS
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets
 from shears.pruning.resources import release_freed_memory
@@ -75,7 +76,7 @@ class StructuredJob(_Job):
         kept_blocks = [i for i in range(skeleton.num_blocks) if i not in removed]
         check_kept_block_types(layout, kept_blocks)
         pruned = _pruned_skeleton(layout, kept_blocks, skeleton)
-        targets = layer_targets(pruned, request) if request.method != "none" else {}
+        targets = layer_targets(pruned, request) if request.method in METHODS else {}
         if not eval_ids:
             skeleton.release_outside()
         release_freed_memory()

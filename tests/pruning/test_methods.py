@@ -12,7 +12,7 @@ from shears.cli import build_parser
 from shears.pattern import Pattern
 from shears.pruning.cli_prune import _request_from_args
 from shears.pruning.config import PruneRequest
-from shears.pruning.methods import METHODS, method_named
+from shears.pruning.methods import METHODS, NO_METHOD, method_named
 from shears.pruning.stats import ACCUMULATORS
 
 SOLVER_ARGS = ["weight", "sparsity", "pattern", "statistic", "options", "prepared"]
@@ -34,7 +34,7 @@ def test_entry_is_complete(name: str) -> None:
 
 def test_request_schema_lists_the_registry() -> None:
     schema = PruneRequest.model_json_schema()
-    assert schema["properties"]["method"]["enum"] == list(METHODS)
+    assert schema["properties"]["method"]["enum"] == [*METHODS, NO_METHOD]  # none: structure only
     for name, entry in METHODS.items():
         assert name in schema["properties"]["method"]["description"]
         assert (name in schema["properties"]) == (entry.options is not None)
