@@ -16,6 +16,7 @@ from shears.errors import InvalidRequest
 from shears.pruning.config import PruneRequest
 from shears.pruning.models import BUILTIN_MODELS, check_spec
 from shears.pruning.runtimes import check_configured
+from shears.pruning.structure.plan import check_config_file
 from shears.server.problems import quoted
 from shears.server.settings import Settings
 
@@ -51,8 +52,10 @@ def check_model(request: PruneRequest, settings: Settings) -> None:
     if spec in BUILTIN_MODELS:
         return
     if looks_like_path(spec):
-        _allowed_path(spec, settings.model_dirs, "model", "SHEARS_MODEL_DIRS")
+        path = _allowed_path(spec, settings.model_dirs, "model", "SHEARS_MODEL_DIRS")
         check_spec(spec, request.revision, options)
+        if request.structure is not None and path.is_dir():
+            check_config_file(request.structure, path)  # impossible counts: 422 now, not a failed job
         return
     if Path(spec).exists():
         # Relative to the server's folder it names a file, but a job never reads relative paths (its

@@ -30,6 +30,7 @@ from shears.pruning.methods import METHODS
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets
 from shears.pruning.resources import release_freed_memory
+from shears.pruning.runtimes import check_configured
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, find_blocks
 from shears.pruning.streaming import Batch, advance, run_block
@@ -49,6 +50,7 @@ class StructuredJob(_Job):
 
     def run(self) -> dict[str, Any]:
         request = self.request
+        check_configured(request.verify_runtimes, self.options.runtime_pythons)  # refuse before any work
         torch.manual_seed(request.calibration.seed)
         with self.clock.phase("loading", f"loading {request.model}"):
             model, skeleton, tokenizer = self._load()
@@ -120,6 +122,12 @@ class StructuredJob(_Job):
                 structure["speed"] = compare_speed(
                     model.path, self.work, skeleton.device, skeleton.dtype, structure["bytes"]["before"]
                 )
+        compatibility = None
+        if request.verify_runtimes:
+            with self.clock.phase(
+                "compatibility", f"loading the output in {', '.join(request.verify_runtimes)}"
+            ):
+                compatibility = self._verify_runtimes()
         manifest = write_manifest(
             self.work,
             request=request,
@@ -134,6 +142,7 @@ class StructuredJob(_Job):
             weight_files=files,
             packed_files=[],
             benchmark=None,
+            compatibility=compatibility,
             clock=self.clock.summary(),
             structure=structure,
         )

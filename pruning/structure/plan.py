@@ -6,8 +6,10 @@ InvalidRequest raised before the job reads a weight, with a message that says wh
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shears.errors import InvalidRequest
@@ -162,3 +164,40 @@ def _experts_keep(spec: StructureSpec, dims: Dimensions, model_type: str) -> int
             f"ask for at least {0.5 / dims.experts:.3f}"
         )
     return keep
+
+
+class _ConfigFile:
+    """A config.json's (text) fields read as attributes, None where the file does not spell one out."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        return self._values.get(name)
+
+
+def check_config_file(spec: StructureSpec, folder: Path) -> None:
+    """At the edge, without torch: the request's counts against a local folder's config.json, so an
+    impossible structure is refused at submission (HTTP 422) instead of failing the job later.
+
+    A config may rely on its class's defaults for some fields; a kind whose counts the file does not
+    spell out is left to the job, which reads the full config (plan_structure again, before any work).
+    """
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the job reports an unreadable config in its own words
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    if not isinstance(text, dict) or not any(isinstance(text.get(k), int) for k in LAYER_KEYS):
+        return
+    fields = _ConfigFile(text)
+    dims = dimensions(fields)
+    model_type = str(text.get("model_type") or data.get("model_type") or "the model")
+    dense = dims.experts is None and "moe" not in model_type.lower()
+    checked = {
+        "mlp": dims.intermediate is not None,
+        "heads": isinstance(text.get("num_attention_heads"), int),
+        "experts": dims.experts is not None or dense,
+    }
+    unchecked = {kind: 0.0 for kind, known in checked.items() if not known}
+    plan_structure(spec.model_copy(update=unchecked), dims, model_type)

@@ -3,6 +3,7 @@ changed when nothing is removed, and bad requests refused before any work with n
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -91,6 +92,39 @@ def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_it
     assert windows.evaluation is not None
     saved = perplexity_of_folder(out, windows.evaluation, device=torch.device("cpu"))
     assert saved.ppl == pytest.approx(manifest["perplexity"]["pruned"], rel=1e-4)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("shears.pruning.families") is None,
+    reason="main's skeleton reads no fused-expert checkpoint yet; the architecture branch (arch) adds it",
+)
+def test_experts_heads_and_depth_of_a_moe_model_compute_what_the_job_streamed(tmp_path: Path) -> None:
+    from shears.calibration.windows import load_windows
+    from shears.pruning.evaluate import perplexity_of_folder
+
+    folder, out = make_structure_model("qwen3_moe", tmp_path / "moe"), tmp_path / "out"
+    job = request(
+        folder, structure={"experts": 0.5, "heads": 0.5, "mlp": 0.5, "layers": 0.25}, compute_dtype="float32"
+    )
+    manifest = prune(job, out)
+    assert verify_files(out, manifest) == []
+    plan = manifest["structure"]["plan"]
+    dense, config = AutoConfig.from_pretrained(folder), AutoConfig.from_pretrained(out)
+    assert config.num_hidden_layers == dense.num_hidden_layers - 1 == len(plan["kept_blocks"])
+    assert config.num_experts == plan["experts"] == dense.num_experts // 2
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
+    assert config.intermediate_size == plan["intermediate_size"] == dense.intermediate_size // 2
+    moe_blocks = [b for b in manifest["structure"]["blocks"] if "experts" in b]
+    assert moe_blocks and all(len(b["experts"]["removed"]) == 4 for b in moe_blocks)
+    tensors = _tensors(out)
+    assert sum(t.numel() for t in tensors.values()) == manifest["structure"]["parameters"]["after"]
+    _loaded_logits(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    windows = load_windows(CALIB, EVAL, tokenizer)
+    assert windows.evaluation is not None
+    saved = perplexity_of_folder(out, windows.evaluation, device=torch.device("cpu"))
+    assert saved.ppl == pytest.approx(manifest["perplexity"]["pruned"], rel=1e-4)
+    assert manifest["perplexity"]["pruned"] != pytest.approx(manifest["perplexity"]["dense"], rel=1e-4)
 
 
 def test_reconstruction_lowers_the_block_output_error(models: dict[str, Path], tmp_path: Path) -> None:

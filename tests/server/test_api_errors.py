@@ -69,6 +69,29 @@ def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: di
     assert problem["errors"] and all({"loc", "msg", "type"} <= set(e) for e in problem["errors"])
 
 
+@pytest.mark.parametrize(
+    ("structure", "message"),
+    [  # the tiny model: 2 blocks, 4 query heads in 2 key-value groups, 128 MLP channels, no experts
+        ({"experts": 0.5}, "dense model"),
+        ({"heads": 0.9}, "every key-value head group"),
+        ({"layers": 0.8}, "remove all 2 decoder blocks"),
+        ({"mlp": 0.9}, "below one granule"),
+    ],
+)
+def test_impossible_structures_are_refused_at_submission(
+    http: httpx.Client, model_root: Path, structure: dict[str, Any], message: str
+) -> None:
+    body = {
+        **job_request(model_root / "tiny", pattern="unstructured"),
+        "method": "none",
+        "sparsity": None,
+        "structure": structure,
+    }
+    before = http.get("/v1/jobs").json()
+    assert message in _problem(_submit(http, body), 422, "invalid_request")["detail"]
+    assert http.get("/v1/jobs").json() == before  # nothing queued
+
+
 @pytest.mark.parametrize("sparsity", [0, 1, 1.5, -0.1, 1e9])
 def test_sparsity_out_of_range(http: httpx.Client, model_root: Path, sparsity: float) -> None:
     body = job_request(model_root / "tiny", pattern="unstructured", sparsity=sparsity)
