@@ -27,6 +27,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-criteria", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--speed-repeats", type=int, default=3)
+    parser.add_argument("--prefill-shape", default="4x512", help="batch x tokens of the timed prefill")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens of the timed decode")
+    parser.add_argument("--variants", help="comma-separated variant names to run (default: all of each kind)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 8 samples, 2048 eval tokens, 0.25 only"
     )
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.samples, args.eval_tokens, args.fractions, args.speed_repeats = 8, 2048, "0.25", 1
     fractions = [float(f) for f in args.fractions.split(",")]
+    batch, tokens = (int(v) for v in args.prefill_shape.split("x"))
+    speed_shapes = {"prefill_shape": (batch, tokens), "decode_tokens": args.decode_tokens}
+    wanted = set(args.variants.split(",")) if args.variants else None
     kinds = [k for k in args.kinds.split(",") if k]
     out = (
         args.out or RESULTS / f"structured-{dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "holdout_check": holdout,
             "eval_dtype": str(dtype).removeprefix("torch."),
             "machine": _machine(),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
             "command": " ".join([sys.executable, "-m", "bench.structured", *(argv or sys.argv[1:])]),
         }
         if "dense" not in results:
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 None
                 if args.no_speed
                 else measure_speed(
-                    model.path, device=device, dtype=dtype, repeats=args.speed_repeats
+                    model.path, device=device, dtype=dtype, repeats=args.speed_repeats, **speed_shapes
                 ).to_dict()
             )
             results["dense"] = {"ppl": perplexities(model.path, sets, dtype), "speed": dense_speed}
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds
             for fraction in fractions
             for name, extra in variants(kind).items()
+            if wanted is None or name in wanted
         ]
         if not args.no_criteria:
             plan += [
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             key = (kind, fraction)
             if not args.no_speed and kind != "mlp criteria" and key not in timed:
                 timed[key] = measure_speed(
-                    folder, device=device, dtype=dtype, repeats=args.speed_repeats
+                    folder, device=device, dtype=dtype, repeats=args.speed_repeats, **speed_shapes
                 ).to_dict()
                 row["speed"] = timed[key]
             shutil.rmtree(folder)
@@ -292,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             _save(out, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    results["setup"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    _save(out, results)
     write_report(out, results)
     print(f"wrote {out} and its .md/.png", file=sys.stderr)
     return 0
 
 
 def _machine() -> str:
-    import os
     import platform
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -326,9 +336,18 @@ def _speedups(results: dict[str, Any]) -> dict[tuple[str, float], tuple[float, f
     return found
 
 
+def _speed_shapes(results: dict[str, Any]) -> str:
+    dense = results["dense"].get("speed")
+    if not dense:
+        return "not measured"
+    batch, tokens = dense["prefill_shape"]
+    return f"prefill {batch} x {tokens} tokens, decode {dense['decode_tokens']} new tokens at batch 1"
+
+
 def write_report(path: Path, results: dict[str, Any]) -> None:
     sets = list(results["dense"]["ppl"])
     speed = _speedups(results)
+    setup = results["setup"]
     lines = [
         f"# Structured pruning, {results['setup']['model']}",
         "",
@@ -336,6 +355,9 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         f"({', '.join(f'{k}: {v[0]} windows' for k, v in results['setup']['evaluation'].items())}), "
         f"{results['setup']['eval_dtype']}. Machine: {results['setup']['machine']}.",
         f"Command: `{results['setup']['command']}`",
+        f"Load average (1/5/15 min; the machine is shared) at start {setup.get('load_average_at_start')}, "
+        f"at end {setup.get('load_average_at_end')}. Speed: {_speed_shapes(results)}, dense vs pruned "
+        "timed alike in transformers on this CPU; under that load the ratios are noisy.",
         "",
         "| kind | fraction | variant | decoder params removed | "
         + " | ".join(f"ppl {s}" for s in sets)

@@ -6,7 +6,7 @@ import importlib
 
 from shears.errors import JOB_ERROR_CODES, ShearsError
 from shears.pruning.config import EngineOptions, OperatorOptions, PruneRequest
-from shears.pruning.methods import METHODS
+from shears.pruning.methods import METHODS, NO_METHOD
 from shears.server.schemas import JobError, JobOut
 from shears.server.settings import Settings
 
@@ -43,7 +43,8 @@ def test_job_schema_carries_the_request_type() -> None:
     request = schema["properties"]["request"]
     if "$ref" in request:
         request = schema["$defs"][request["$ref"].rsplit("/", 1)[-1]]
-    assert request["title"] == "PruneRequest" and request["properties"]["method"]["enum"] == list(METHODS)
+    methods = request["properties"]["method"]["enum"]
+    assert request["title"] == "PruneRequest" and methods == [*METHODS, NO_METHOD]
     assert request["properties"]["pattern"]["type"] == "string"
     assert set(request["properties"]) == set(PruneRequest.model_fields)
 
