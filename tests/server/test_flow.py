@@ -215,7 +215,7 @@ def test_failed_job_says_whose_fault(start_server, model_root: Path) -> None:
 
 def test_structured_job_over_http(start_server, model_root: Path, tmp_path: Path) -> None:
     """`method: none` with a structure: a smaller folder, sizes in the job's result; an impossible
-    structure fails as the requester's fault with nothing kept."""
+    structure is refused at submission with nothing queued."""
     server = start_server()
     client = ShearsClient(server.url)
     body = {
@@ -234,8 +234,9 @@ def test_structured_job_over_http(start_server, model_root: Path, tmp_path: Path
     config = json.loads((dest / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
 
-    refused = {**body, "structure": {"mlp": 0.95}}
-    final = client.wait(client.submit(refused)["id"], timeout=120, poll=0.2)
-    assert final["status"] == "failed" and final["error"]["code"] == "invalid_request"
-    assert "below one granule" in final["error"]["message"]
-    assert not list((server.data_dir / "jobs" / final["id"]).glob("attempt-*"))
+    jobs = len(client.jobs()["jobs"])
+    with pytest.raises(ShearsAPIError) as refused:  # read from the folder's config at submission
+        client.submit({**body, "structure": {"mlp": 0.95}})
+    assert (refused.value.status, refused.value.code) == (422, "invalid_request")
+    assert "below one granule" in refused.value.detail
+    assert len(client.jobs()["jobs"]) == jobs
