@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "holdout_check": holdout,
             "eval_dtype": str(dtype).removeprefix("torch."),
             "machine": _machine(),
+            "threads": torch.get_num_threads(),
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
             "command": " ".join([sys.executable, "-m", "bench.structured", *(argv or sys.argv[1:])]),
         }
@@ -353,7 +354,8 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         "",
         f"Calibration: {results['setup']['calibration']}. Held-out perplexity in 512-token windows "
         f"({', '.join(f'{k}: {v[0]} windows' for k, v in results['setup']['evaluation'].items())}), "
-        f"{results['setup']['eval_dtype']}. Machine: {results['setup']['machine']}.",
+        f"{results['setup']['eval_dtype']}. Machine: {results['setup']['machine']}, "
+        f"{setup.get('threads')} torch thread(s).",
         f"Command: `{results['setup']['command']}`",
         f"Load average (1/5/15 min; the machine is shared) at start {setup.get('load_average_at_start')}, "
         f"at end {setup.get('load_average_at_end')}. Speed: {_speed_shapes(results)}, dense vs pruned "
