@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,10 @@ class OwlSpec(Strict):
     lam: Annotated[float, Field(ge=0, lt=1)] = 0.08
 
 
+def _no_schema_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 class _Request(Strict):
     """A pruning job: what to prune, how, and what to write."""
 
@@ -64,8 +68,11 @@ class _Request(Strict):
         description="; ".join(f"{name}: {entry.summary}" for name, entry in METHODS.items())
         + f"; {NO_METHOD}: no weights zeroed, only the structure prunes (needs a structure)",
     )
+    # Optional but with no documented default: null is valid only with an N:M pattern or method 'none'.
     sparsity: Annotated[float, Field(gt=0, lt=1)] | None = Field(
-        None, description="fraction of weights to zero; implied by an N:M pattern; none for method 'none'"
+        None,
+        description="fraction of weights to zero; implied by an N:M pattern; none for method 'none'",
+        json_schema_extra=_no_schema_default,
     )
     # The JSON schema shows the default as written in a request (pydantic would dump the dataclass).
     pattern: PatternField = Field(Pattern(), json_schema_extra={"default": "unstructured"})

@@ -51,6 +51,9 @@ class StructuredJob(_Job):
     def run(self) -> dict[str, Any]:
         request = self.request
         check_configured(request.verify_runtimes, self.options.runtime_pythons)  # refuse before any work
+        if self.checkpoints is not None:
+            # No per-block resume for a structured job yet: an attempt starts over on an empty output.
+            self.checkpoints.reset()
         torch.manual_seed(request.calibration.seed)
         with self.clock.phase("loading", f"loading {request.model}"):
             model, skeleton, tokenizer = self._load()
