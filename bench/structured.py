@@ -15,7 +15,7 @@ transformers, bf16 on CPUs with AMX/AVX512-BF16 and CUDA, else fp32):
 Speed: prefill tokens/s (batch 4 x 512) and decode tokens/s (batch 1, 128 new tokens), dense vs
 pruned, in transformers on this machine (pruning.structure.speed).
 
-Full run (about 1-2 h on 2 quiet cores):   python -m bench.structured
+Full run (hours on 2 shared cores):         python -m bench.structured
 Smoke test:                                 python -m bench.structured --quick
 Results: bench/results/structured-<date>.{json,md,png}; `--resume` continues a partial JSON.
 """
@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results JSON (default bench/results/structured-<date>.json)"
     )
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    parser.add_argument(
+        "--respeed",
+        action="store_true",
+        help="only re-time the runs in --out: the dense model and, interleaved with it, a model of each "
+        "pruned shape (same config, random weights: dense matmuls cost the same), median of the repeats",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.eval_tokens, args.fractions, args.speed_repeats = 8, 2048, "0.25", 1
@@ -214,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     out = (
         args.out or RESULTS / f"structured-{dt.date.today().isoformat()}{'-quick' if args.quick else ''}.json"
     )
-    results = json.loads(out.read_text()) if args.resume and out.exists() else {"runs": []}
+    results = json.loads(out.read_text()) if (args.resume or args.respeed) and out.exists() else {"runs": []}
+    if args.respeed:
+        results["speed_by_shape"] = speed_by_shape(args.model, results, args.speed_repeats, speed_shapes)
+        results["setup"]["respeed_threads"] = torch.get_num_threads()
+        results["setup"]["respeed_load_average"] = [round(v, 2) for v in os.getloadavg()]
+        _save(out, results)
+        write_report(out, results)
+        return 0
     done = {(r["kind"], r["fraction"], r["variant"]) for r in results["runs"]}
 
     from transformers import AutoTokenizer
@@ -309,6 +323,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_by_shape(
+    model_spec: str, results: dict[str, Any], repeats: int, shapes: dict[str, Any]
+) -> dict[str, Any]:
+    """Tokens/s of the dense model and of a model with each run's pruned config (random weights),
+    timed round-robin so that load on a shared machine falls on all of them alike."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shears.pruning.config import EngineOptions
+    from shears.pruning.engine import cpu_has_fast_bf16
+    from shears.pruning.models import resolve_model
+    from shears.pruning.structure.speed import measure_speed
+
+    dense = resolve_model(model_spec, None, EngineOptions()).path
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    folders = {"dense": dense}
+    scratch = Path(tempfile.mkdtemp(prefix="shears-speed-"))
+    try:
+        for row in results["runs"]:
+            key = f"{row['kind']} {row['fraction']}"
+            if "plan" not in row or key in folders or row["kind"] == "mlp criteria":
+                continue
+            plan, config = row["plan"], AutoConfig.from_pretrained(dense)
+            config.num_hidden_layers = len(plan["kept_blocks"])
+            if plan["intermediate_size"]:
+                config.intermediate_size = plan["intermediate_size"]
+            if plan["num_key_value_heads"]:
+                config.head_dim = config.hidden_size // config.num_attention_heads
+                config.num_attention_heads = plan["num_attention_heads"]
+                config.num_key_value_heads = plan["num_key_value_heads"]
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(scratch / key)
+            folders[key] = scratch / key
+        timings: dict[str, list[dict[str, Any]]] = {key: [] for key in folders}
+        for _ in range(repeats):
+            for key, folder in folders.items():
+                timings[key].append(
+                    measure_speed(
+                        folder, device=torch.device("cpu"), dtype=dtype, repeats=1, **shapes
+                    ).to_dict()
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    found = {}
+    for key, runs in timings.items():
+        found[key] = {
+            **runs[0],
+            "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in runs),
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+            "repeats": len(runs),
+        }
+    return found
+
+
 def _machine() -> str:
     import platform
 
@@ -326,6 +393,17 @@ def _save(path: Path, results: dict[str, Any]) -> None:
 
 
 def _speedups(results: dict[str, Any]) -> dict[tuple[str, float], tuple[float, float]]:
+    by_shape = results.get("speed_by_shape")
+    if by_shape:
+        base = by_shape["dense"]
+        return {
+            (key.rsplit(" ", 1)[0], float(key.rsplit(" ", 1)[1])): (
+                speed["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                speed["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+            )
+            for key, speed in by_shape.items()
+            if key != "dense"
+        }
     dense = results["dense"].get("speed")
     found = {}
     for row in results["runs"]:
@@ -338,11 +416,18 @@ def _speedups(results: dict[str, Any]) -> dict[tuple[str, float], tuple[float, f
 
 
 def _speed_shapes(results: dict[str, Any]) -> str:
-    dense = results["dense"].get("speed")
+    dense = (results.get("speed_by_shape") or {}).get("dense") or results["dense"].get("speed")
     if not dense:
         return "not measured"
     batch, tokens = dense["prefill_shape"]
-    return f"prefill {batch} x {tokens} tokens, decode {dense['decode_tokens']} new tokens at batch 1"
+    text = f"prefill {batch} x {tokens} tokens, decode {dense['decode_tokens']} new tokens at batch 1"
+    if results.get("speed_by_shape"):
+        text += (
+            f" (median of {dense['repeats']} round-robin timings of the dense model and a model of each "
+            f"pruned shape: {dense['prefill_tokens_per_s']:.1f} prefill and "
+            f"{dense['decode_tokens_per_s']:.2f} decode tokens/s dense)"
+        )
+    return text
 
 
 def write_report(path: Path, results: dict[str, Any]) -> None:
@@ -361,11 +446,11 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
         f"at end {setup.get('load_average_at_end')}. Speed: {_speed_shapes(results)}, dense vs pruned "
         "timed alike in transformers on this CPU; under that load the ratios are noisy.",
         "",
-        "| kind | fraction | variant | decoder params removed | "
+        "| kind | fraction | variant | params removed | "
         + " | ".join(f"ppl {s}" for s in sets)
         + " | prefill x | decode x |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in sets) + " | --- | --- |",
-        "| dense | 0 | | 0 | "
+        f"| dense | 0 | {results['runs'][0]['parameters']['before']:,} params | 0 | "
         + " | ".join(f"{results['dense']['ppl'][s]:.2f}" for s in sets)
         + " | 1.00 | 1.00 |",
     ]
