@@ -18,7 +18,8 @@ text that no calibration window touches:
 
 Documents are joined with the tokenizer's EOS id (when it has one), tokenised without special tokens, a
 long document in pieces of at most PIECE_CHARS characters cut at whitespace, and only until enough
-tokens are read. Every window is full length: there is never padding.
+tokens are read. Every window is full length: there is never padding. Where the tokenizer starts every
+text with BOS (Llama, Gemma), each text window starts with BOS followed by seqlen - 1 stream tokens.
 """
 
 from __future__ import annotations
@@ -159,6 +160,25 @@ def sample_windows(pool: torch.Tensor, samples: int, seqlen: int, seed: int) -> 
     return pool[starts[:, None] + torch.arange(seqlen)], overlapping
 
 
+def window_start_token(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer starts every encoded text with it (Llama, Gemma...), else None.
+
+    Such models only ever saw text after BOS; windows cut from a token stream start with it too,
+    as lm-evaluation-harness does (Gemma's perplexity without BOS is not comparable)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_start_token(windows: torch.Tensor, start: int | None) -> torch.Tensor:
+    """`windows` [n, L] with `start` prepended to each ([n, L + 1]); unchanged when start is None."""
+    if start is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), start, dtype=windows.dtype), windows], dim=1)
+
+
 def consecutive_windows(pool: torch.Tensor, seqlen: int, max_tokens: int) -> torch.Tensor:
     count = min(pool.numel(), max_tokens) // seqlen
     # A copy, so the (possibly much larger) token stream behind `pool` can be freed.
@@ -226,9 +246,12 @@ def _checked_ids(ids: torch.Tensor, spec: str, vocab_size: int) -> torch.Tensor:
 
 
 def _evaluation_windows(
-    pool: torch.Tensor, evaluation: EvaluationSpec, spec: str, info: dict
+    pool: torch.Tensor, evaluation: EvaluationSpec, spec: str, info: dict, start: int | None
 ) -> torch.Tensor:
-    windows = consecutive_windows(pool, evaluation.seqlen, evaluation.max_tokens)
+    body = evaluation.seqlen - (start is not None)
+    windows = with_start_token(
+        consecutive_windows(pool, body, evaluation.max_tokens // evaluation.seqlen * body), start
+    )
     if windows.shape[0] == 0:
         raise CalibrationError(
             f"evaluation source {spec!r} has {pool.numel()} tokens, fewer than one window of "
@@ -236,6 +259,7 @@ def _evaluation_windows(
             "evaluation.source"
         )
     info["evaluation_tokens"] = windows.numel()
+    info["evaluation_start_token"] = start
     return windows
 
 
@@ -301,7 +325,9 @@ def load_windows(
     if evaluation is None:
         info["evaluation_source"] = None
     elif held_out is not None:
-        evaluation_windows = _evaluation_windows(held_out, evaluation, spec, info)
+        evaluation_windows = _evaluation_windows(
+            held_out, evaluation, spec, info, window_start_token(tokenizer)
+        )
     elif eval_spec in (None, "builtin"):
         stream = TokenStream(builtin_documents("evaluation"), tokenizer)
         pool = stream.read(evaluation.max_tokens)
@@ -310,7 +336,9 @@ def load_windows(
             evaluation_holdout="builtin held-out works",
             evaluation_documents=stream.documents_before(pool.numel()),
         )
-        evaluation_windows = _evaluation_windows(pool, evaluation, "builtin", info)
+        evaluation_windows = _evaluation_windows(
+            pool, evaluation, "builtin", info, window_start_token(tokenizer)
+        )
     elif (path := token_file(eval_spec, uploads_dir=uploads_dir)) is not None:
         evaluation_windows = load_token_file(path, eval_spec, vocab_size)
         info.update(
@@ -328,7 +356,9 @@ def load_windows(
             evaluation_holdout="separate source",
             evaluation_documents=stream.documents_before(pool.numel()),
         )
-        evaluation_windows = _evaluation_windows(pool, evaluation, eval_spec, info)
+        evaluation_windows = _evaluation_windows(
+            pool, evaluation, eval_spec, info, window_start_token(tokenizer)
+        )
     return TokenWindows(calibration=calib, evaluation=evaluation_windows, info=info)
 
 
@@ -385,7 +415,9 @@ def _text_windows(
             f"{samples} x {seqlen} = {needed} for disjoint windows (and seqlen = {seqlen} for any window); "
             "lower samples or seqlen, or give more text"
         )
-    windows, overlapping = sample_windows(pool, samples, seqlen, calibration.seed)
+    start = window_start_token(tokenizer)
+    windows, overlapping = sample_windows(pool, samples, seqlen - (start is not None), calibration.seed)
+    windows = with_start_token(windows, start)
     if overlapping:
         log.warning(
             "calibration source %r has %d tokens, fewer than samples x seqlen = %d: windows overlap",
@@ -394,6 +426,7 @@ def _text_windows(
             needed,
         )
     info.update(
+        calibration_start_token=start,
         calibration_tokens_seen=stream.length,
         calibration_pool_tokens=pool.numel(),
         calibration_documents=stream.documents_before(pool.numel()),

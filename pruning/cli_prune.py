@@ -267,6 +267,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     from shears.errors import ShearsError
     from shears.pruning.engine import prune
+    from shears.pruning.models import check_request_fits
 
     try:
         request = _request_from_args(args)
@@ -275,6 +276,7 @@ def _prune(args: argparse.Namespace) -> int:
         return 2
     bar = ProgressBar(not args.quiet)
     try:
+        check_request_fits(request)  # before preparing the model (a GGUF conversion takes a while)
         manifest = prune(request, args.out, reporter=bar, options=_options(args))
     except ShearsError as exc:
         bar.close()

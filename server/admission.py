@@ -14,7 +14,7 @@ from pathlib import Path
 from shears.calibration.sources import UPLOAD_ID, is_local_path, parse_hf_spec
 from shears.errors import InvalidRequest
 from shears.pruning.config import PruneRequest
-from shears.pruning.models import BUILTIN_MODELS, check_spec
+from shears.pruning.models import BUILTIN_MODELS, check_request_fits, check_spec
 from shears.pruning.runtimes import check_configured
 from shears.pruning.structure.plan import check_config_file
 from shears.server.problems import quoted
@@ -93,6 +93,11 @@ def admit(request: PruneRequest, settings: Settings, upload_exists: Callable[[st
     with _unusable_path("model", request.model):
         check_model(request, settings)
     check_configured(request.verify_runtimes, settings.engine_options().runtime_pythons)
+    # Before queueing: windows longer than the model's positions (a built-in alias or an allowed
+    # folder; a hub model's config is checked by the engine before any work).
+    if request.model in BUILTIN_MODELS or looks_like_path(request.model):
+        with _unusable_path("model", request.model):
+            check_request_fits(request)
     with _unusable_path("calibration.source", request.calibration.source):
         check_source(request.calibration.source, settings, upload_exists, "calibration.source")
     if request.evaluation.enabled and request.evaluation.source is not None:
