@@ -57,6 +57,28 @@ def _read_entries(path: Path) -> dict[str, _Entry]:
     return entries
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files transformers would load from a folder without an index.
+
+    `model.safetensors` when present; else every other *.safetensors except our packed sparse*
+    files and Mistral's `consolidated*.safetensors` (the same weights in Mistral's own names, which
+    transformers never loads: reading both would double every tensor).
+    """
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    files = sorted(
+        p.name for p in folder.glob("*.safetensors") if not p.name.startswith(("sparse", "consolidated"))
+    )
+    if not files:
+        if any(folder.glob("consolidated*.safetensors")):
+            raise ModelUnavailable(
+                f"{folder}: only Mistral's consolidated.safetensors, which transformers does not load; "
+                "convert the checkpoint to the Hugging Face format (model.safetensors)"
+            )
+        raise ModelUnavailable(f"{folder}: no safetensors weights")
+    return files
+
+
 class Checkpoint:
     """The tensor names, shapes and dtypes of a safetensors checkpoint, and lazy access to them."""
 
@@ -67,9 +89,7 @@ class Checkpoint:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
         else:
-            shards = sorted(p.name for p in folder.glob("*.safetensors") if not p.name.startswith("sparse"))
-            if not shards:
-                raise ModelUnavailable(f"{folder}: no safetensors weights")
+            shards = weight_files(folder)
         entries: dict[str, _Entry] = {}
         for shard in shards:
             entries.update(_read_entries(folder / shard))

@@ -22,15 +22,16 @@ from shears.pruning.checkpoint import Checkpoint
 from shears.pruning.config import EngineOptions, PruneRequest
 from shears.pruning.evaluate import eval_batch_size, finish, split_windows
 from shears.pruning.methods import METHODS
-from shears.pruning.models import LazyTokenizer, ResolvedModel, resolve_model
-from shears.pruning.output import copy_model_files, verify_output, write_manifest
+from shears.pruning.models import LazyTokenizer, ResolvedModel, check_seqlen, folder_config, resolve_model
+from shears.pruning.output import copy_model_files, packable_names, verify_output, write_manifest
 from shears.pruning.plan import layer_targets, owl_block_sparsities
+from shears.pruning.prunable import Prunable, find_experts
 from shears.pruning.resources import PhaseClock, release_freed_memory, tune_malloc
 from shears.pruning.resume import Checkpoints, Progress, identity
 from shears.pruning.runtimes import check_configured, verify_folders
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, build_skeleton
-from shears.pruning.streaming import Batch, advance, capture_inputs, run_block
+from shears.pruning.streaming import Batch, advance, capture_inputs, head_logits, run_block
 
 ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
 CPU_FORWARD_TOKENS = 1024  # measured on SmolLM2 blocks: as fast as 4096, a quarter of the peak heap
@@ -169,7 +170,7 @@ class _Job:
                 }
         with self.clock.phase("saving"):
             copy_model_files(model.path, self.work, self._output_dtype(skeleton))
-            pruned_names = [r.name + ".weight" for r in layers]
+            pruned_names = packable_names(layers, skeleton.keymap)
             packed: list[str] = []
             if "packed" in request.formats:
                 from shears.kernels.sparse_file import pack_folder
@@ -178,7 +179,7 @@ class _Job:
                     self.work, request.pattern.nm, pruned_names, max_shard_bytes=self.options.max_shard_bytes
                 )
         with self.clock.phase("verifying"):
-            verify_output(self.work, layers, request.pattern)
+            verify_output(self.work, layers, request.pattern, skeleton.keymap)
         benchmark = None
         if request.benchmark:
             with self.clock.phase("benchmarking"):
@@ -227,6 +228,13 @@ class _Job:
     def _load(self) -> tuple[ResolvedModel, Skeleton, LazyTokenizer]:
         request = self.request
         model = resolve_model(request.model, request.revision, self.options)
+        config = folder_config(model.path)
+        if config is not None:  # before any work: windows longer than the model's positions
+            check_seqlen(
+                config,
+                request.calibration.seqlen,
+                request.evaluation.seqlen if request.evaluation.enabled else None,
+            )
         device = pick_device(request.device)
         checkpoint = Checkpoint(model.path)  # read the shard headers once
         skeleton = build_skeleton(
@@ -288,14 +296,17 @@ class _Job:
             vocab = skeleton.model.get_output_embeddings().out_features
             eval_ids = split_windows(windows.evaluation, eval_batch_size(windows.evaluation.shape[1], vocab))
             dense_eval = capture_inputs(skeleton, eval_ids, store)
+            # The head runs only after pruning: check now, before any work, that it runs at all.
+            head_logits(skeleton, eval_ids[0][:1, :8], dense_eval[0].hidden[:1, :8])
         return windows.info, calib, dense_eval, eval_ids
 
     def _output_specs(self, skeleton: Skeleton) -> list[TensorSpec]:
+        """Every checkpoint tensor, under its own name: the outside ones first, then block by block."""
         checkpoint = skeleton.checkpoint
         dtype = self._output_dtype(skeleton)
         specs = []
-        for name in _outside_names(skeleton) + [
-            n for i in range(skeleton.num_blocks) for n in _block_names(skeleton, i)
+        for name in skeleton.outside_keys() + [
+            k for i in range(skeleton.num_blocks) for k in skeleton.block_keys(i)
         ]:
             source = checkpoint.dtypes[name]
             out = dtype if dtype is not None and source.is_floating_point else source
@@ -303,9 +314,9 @@ class _Job:
         return specs
 
     def _write_outside(self, skeleton: Skeleton, writer: ShardWriter) -> None:
-        names = _outside_names(skeleton)
-        for name, tensor in skeleton.checkpoint.load(names).items():
-            writer.write(name, tensor)
+        """Embeddings, head, a VLM's vision tower and projector: copied from the checkpoint as they are."""
+        for name in skeleton.outside_keys():  # one at a time: a vision tower may be large
+            writer.write(name, skeleton.checkpoint.load([name])[name], exact=True)
 
     def _prune_blocks(
         self, skeleton: Skeleton, progress: Progress, streams: dict[str, list[Batch]], writer: ShardWriter
@@ -326,11 +337,21 @@ class _Job:
             with torch.inference_mode():
                 for batch in dense_eval:
                     advance(block, index, batch, device)
-                layers = {n: m for n, m in skeleton.linear_layers(index).items() if targets[n] is not None}
+                prunables = skeleton.prunables(index)
+                layers = {n: p for n, p in prunables.items() if targets[n] is not None}
                 chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
                 masters = self._masters(skeleton, layers)
                 results, measured = prune_block(
-                    block, index, layers, chosen, masters, calib, self.request, device, dense_out
+                    block,
+                    index,
+                    layers,
+                    chosen,
+                    masters,
+                    calib,
+                    self.request,
+                    device,
+                    dense_out,
+                    find_experts(block, f"{skeleton.blocks_prefix}.{index}."),
                 )
                 squared_error = squared_norm = 0.0
                 for position, batch in enumerate(calib):
@@ -345,7 +366,7 @@ class _Job:
                     del out
                 for batch in pruned_eval:
                     advance(block, index, batch, device)
-            self._write_block(skeleton, index, writer, {n + ".weight": w for n, w in masters.items()})
+            self._write_block(skeleton, index, writer, masters)
             skeleton.release_block(index)
             del masters
             release_freed_memory()
@@ -373,19 +394,29 @@ class _Job:
             )
         return all_layers, blocks
 
-    def _masters(self, skeleton: Skeleton, layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
-        """The layers' weights as stored (the solve's input), cast to the output dtype if one is set."""
-        loaded = skeleton.checkpoint.load([n + ".weight" for n in layers], skeleton.device)
+    def _masters(self, skeleton: Skeleton, layers: dict[str, Prunable]) -> dict[str, torch.Tensor]:
+        """The parameters holding the layers, as stored (the solve's input; a fused experts parameter
+        whole), cast to the output dtype if one is set."""
+        params = list(dict.fromkeys(layer.param for layer in layers.values()))
+        loaded = skeleton.keymap.load(params, skeleton.device)
         dtype = self._output_dtype(skeleton)
-        return {n: loaded[n + ".weight"].to(dtype or loaded[n + ".weight"].dtype) for n in layers}
+        return {name: tensor.to(dtype or tensor.dtype) for name, tensor in loaded.items()}
 
     def _write_block(
         self, skeleton: Skeleton, index: int, writer: ShardWriter, pruned: dict[str, torch.Tensor]
     ) -> None:
-        names = _block_names(skeleton, index)
-        originals = skeleton.checkpoint.load([n for n in names if n not in pruned])
+        """The block's checkpoint tensors in the checkpoint's names and layout: pruned parameters
+        converted back (with the rest of their conversion unit), the others copied as they are."""
+        keymap = skeleton.keymap
+        rest = [name for name in keymap.unit_params(pruned) if name not in pruned]
+        converted = keymap.to_checkpoint({**keymap.load(rest), **pruned})
+        names = skeleton.block_keys(index)
+        originals = skeleton.checkpoint.load([n for n in names if n not in converted])
         for name in names:
-            writer.write(name, pruned[name] if name in pruned else originals[name])
+            if name in converted:
+                writer.write(name, converted[name])
+            else:
+                writer.write(name, originals[name], exact=True)
 
 
 def _leading_batches(batches: list[Batch], tokens: int) -> int:
@@ -397,13 +428,3 @@ def _leading_batches(batches: list[Batch], tokens: int) -> int:
             break
         count += 1
     return count
-
-
-def _outside_names(skeleton: Skeleton) -> list[str]:
-    prefix = skeleton.blocks_prefix + "."
-    return [n for n in skeleton.checkpoint.names if not n.startswith(prefix)]
-
-
-def _block_names(skeleton: Skeleton, index: int) -> list[str]:
-    prefix = f"{skeleton.blocks_prefix}.{index}."
-    return [n for n in skeleton.checkpoint.names if n.startswith(prefix)]

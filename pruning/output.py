@@ -15,6 +15,8 @@ from shears.pattern import Pattern
 from shears.pruning.block_pruner import LayerResult
 from shears.pruning.checkpoint import INDEX, Checkpoint
 from shears.pruning.config import PruneRequest
+from shears.pruning.experts import MIN_EXPERT_TOKENS
+from shears.pruning.keymap import KeyMap
 from shears.pruning.masks import achieved_sparsity, satisfies_pattern
 from shears.pruning.models import ResolvedModel
 from shears.pruning.skeleton import Skeleton
@@ -60,25 +62,65 @@ def check_layout(folder: Path) -> None:
         raise RuntimeError(f"verification: {len(found)} weight files {found} and no {INDEX}")
 
 
-def verify_output(folder: Path, layers: list[LayerResult], pattern: Pattern) -> None:
-    """Re-read every pruned weight from disk: sparsity as recorded and the pattern holds."""
+def verify_output(folder: Path, layers: list[LayerResult], pattern: Pattern, keymap: KeyMap) -> None:
+    """Re-read every pruned matrix from disk (through the checkpoint's key map, so in the layout the
+    model sees): sparsity as recorded and the pattern holds."""
     from transformers import AutoConfig
 
     check_layout(folder)
     AutoConfig.from_pretrained(folder)
     written = Checkpoint(folder)
-    for layer in layers:
-        name = layer.name + ".weight"
-        weight = written.load([name])[name]
+    params: dict[str, torch.Tensor] = {}
+    for layer in sorted(layers, key=lambda r: r.param):  # one parameter in memory at a time
+        if layer.param not in params:
+            params = {layer.param: keymap.load([layer.param], checkpoint=written)[layer.param]}
+        weight = _matrix(params[layer.param], layer)
         if achieved_sparsity(weight) != layer.sparsity:
             raise RuntimeError(
-                f"verification: {name} on disk has sparsity {achieved_sparsity(weight)}, "
+                f"verification: {layer.name} on disk has sparsity {achieved_sparsity(weight)}, "
                 f"solver reported {layer.sparsity}"
             )
         if pattern.structured and not satisfies_pattern(weight, pattern):
-            raise RuntimeError(f"verification: {name} on disk breaks the {pattern} pattern")
+            raise RuntimeError(f"verification: {layer.name} on disk breaks the {pattern} pattern")
         if torch.signbit(weight[weight == 0]).any():
-            raise RuntimeError(f"verification: {name} on disk holds -0.0")
+            raise RuntimeError(f"verification: {layer.name} on disk holds -0.0")
+
+
+def _matrix(tensor: torch.Tensor, layer: LayerResult) -> torch.Tensor:
+    if layer.expert is not None:
+        tensor = tensor[layer.expert]
+    return tensor.T.contiguous() if layer.transposed else tensor
+
+
+def packable_names(layers: list[LayerResult], keymap: KeyMap) -> list[str]:
+    """Checkpoint keys of the pruned matrices stored as plain [out, in] tensors (what the packed
+    format holds); Conv1D and fused or converted expert tensors stay dense only."""
+    names = []
+    for layer in layers:
+        if layer.expert is None and not layer.transposed and not keymap.converted([layer.param]):
+            names.extend(keymap.keys_of([layer.param]))
+    return names
+
+
+def _moe_summary(layers: list[LayerResult]) -> dict[str, Any] | None:
+    """Per experts parameter: tokens each expert saw, and which used the fallback statistics."""
+    experts: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        if layer.expert is None or layer.tokens is None:
+            continue
+        entry = experts.setdefault(layer.param, {"tokens": {}, "fallback": []})
+        entry["tokens"][str(layer.expert)] = layer.tokens
+        if layer.fallback and layer.expert not in entry["fallback"]:
+            entry["fallback"].append(layer.expert)
+    if not experts:
+        return None
+    return {
+        "min_tokens": MIN_EXPERT_TOKENS,
+        "fallback_rule": "experts routed fewer than min_tokens calibration tokens are pruned with the "
+        "statistics of every token reaching their MoE layer",
+        "router": "dense",
+        "experts": experts,
+    }
 
 
 def _sparsity_summary(layers: list[LayerResult], skeleton: Skeleton, target: float) -> dict[str, Any]:
@@ -135,6 +177,7 @@ def write_manifest(
         "sparsity": _sparsity_summary(layers, skeleton, request.sparsity),
         "layers": {r.name: {k: v for k, v in asdict(r).items() if k != "name"} for r in layers},
         "blocks": blocks,
+        "moe": _moe_summary(layers),
         "perplexity": perplexity,
         "weights": {"dense": weight_files, "packed": packed_files},
         "benchmark": benchmark,

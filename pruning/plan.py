@@ -30,14 +30,14 @@ def layer_targets(
     targets: dict[str, float | None] = {}
     for index in range(skeleton.num_blocks):
         default = block_sparsity[index] if block_sparsity else request.sparsity
-        for name, layer in skeleton.linear_layers(index).items():
+        for name, layer in skeleton.prunables(index).items():
             if any(rx.search(name) for rx in ignore):
                 targets[name] = None
                 continue
-            check_pattern((layer.out_features, layer.in_features), pattern, name)
+            check_pattern(layer.shape, pattern, name)
             targets[name] = next((value for rx, value in overrides if rx.search(name)), default)
     if all(value is None for value in targets.values()):
-        raise InvalidRequest(f"the ignore list {request.ignore} leaves no linear layer to prune")
+        raise InvalidRequest(f"the ignore list {request.ignore} leaves no layer to prune")
     return targets
 
 
@@ -53,13 +53,16 @@ def owl_block_sparsities(skeleton: Skeleton, calib: list[Batch], request: PruneR
     ratios = []
     for index in range(skeleton.num_blocks):
         block = skeleton.materialize_block(index)
-        layers = skeleton.linear_layers(index)
-        stats = collect(block, index, layers, "norms", stream, device, [batch.hidden for batch in stream])
+        # The block's linear layers (experts see only their routed tokens: left out of the ratio).
+        layers = {n: p for n, p in skeleton.prunables(index).items() if p.expert is None}
+        stats, _ = collect(block, index, layers, "norms", stream, device, [batch.hidden for batch in stream])
         pairs = []
         for name, layer in layers.items():
             acc = stats.of(name)
+            if acc is None:  # never ran
+                continue
             assert isinstance(acc, InputNormAccumulator)
-            pairs.append((layer.weight.data, acc.sq_norm))
+            pairs.append((layer.matrix(layer.module.weight.data), acc.sq_norm))
         ratios.append(outlier_ratio(pairs, request.owl.threshold))
         skeleton.release_block(index)
     return owl_sparsities(ratios, request.sparsity, request.owl.lam)

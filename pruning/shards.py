@@ -123,7 +123,9 @@ class ShardWriter:
             self._digests[shard.file].update(data)
             self._sizes[shard.file] += len(data)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, *, exact: bool = False) -> None:
+        """Append `tensor`; floats get -0.0 written as +0.0 unless the writer or this call is `exact`
+        (a tensor copied from the source as it is, bit for bit)."""
         shard, spec = self._queue[self._position]
         if name != spec.name:
             raise RuntimeError(f"tensor {name!r} written out of plan order (expected {spec.name!r})")
@@ -136,7 +138,7 @@ class ShardWriter:
         flat = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
         # In slices, so that normalising a large tensor (an embedding) never doubles its memory.
         for piece in flat.split(_WRITE_ELEMENTS):
-            if piece.is_floating_point() and not self.exact:
+            if piece.is_floating_point() and not (self.exact or exact):
                 piece = piece + 0.0  # -0.0 -> +0.0: same value, and one byte pattern for a zero
             self._emit(shard, memoryview(piece.view(torch.uint8).numpy()))
         self._position += 1

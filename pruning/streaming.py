@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from shears.errors import ModelUnavailable, ShearsError
+
 if TYPE_CHECKING:  # skeleton needs accelerate; the GPU check runs these functions without it
     from shears.pruning.skeleton import Skeleton
 
@@ -132,12 +134,21 @@ def _capture_one(skeleton: Skeleton, ids: torch.Tensor, store: torch.device, as_
 
         return record
 
-    with _swapped(skeleton, forward_of), contextlib.suppress(_Stop):
-        skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False)
+    name = type(skeleton.model).__name__
+    try:
+        with _swapped(skeleton, forward_of), contextlib.suppress(_Stop):
+            skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False)
+    except (_Retry, ShearsError):
+        raise
+    except Exception as exc:  # the model's own forward: it cannot run as Shears runs it
+        raise ModelUnavailable(
+            f"{name}: its forward fails on token ids alone ({type(exc).__name__}: {exc}); Shears "
+            "calibrates on text, so this architecture is not supported"
+        ) from exc
     if len(calls) != skeleton.num_blocks:
-        raise RuntimeError(
-            f"{type(skeleton.model).__name__}: the forward called {len(calls)} of "
-            f"{skeleton.num_blocks} decoder blocks; this architecture is not supported"
+        raise ModelUnavailable(
+            f"{name}: the forward called {len(calls)} of its {skeleton.num_blocks} decoder blocks "
+            "in order; this architecture is not supported"
         )
     return Batch(first[0], calls)
 
@@ -201,8 +212,15 @@ def head_logits(skeleton: Skeleton, ids: torch.Tensor, final_hidden: torch.Tenso
 
             return passthrough
 
-        with _swapped(skeleton, forward_of):
-            logits = skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False).logits
+        try:
+            with _swapped(skeleton, forward_of):
+                logits = skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False).logits
+        except Exception as exc:  # the model's own head: it cannot run as Shears runs it
+            raise ModelUnavailable(
+                f"{type(skeleton.model).__name__}: its forward fails on token ids alone "
+                f"({type(exc).__name__}: {exc}); Shears calibrates on text, so this architecture is "
+                "not supported"
+            ) from exc
         if logits.shape[:-1] == ids.shape:  # else the loop took [0] of our tensor: blocks return tuples
             return logits
     raise RuntimeError(

@@ -6,6 +6,7 @@ Shared by every test package: each model has 2 decoder blocks, hidden 64, interm
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def _training_text() -> list[str]:
     return [doc for _, doc in zip(range(4), builtin_documents(), strict=False)]
 
 
-def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+@functools.cache
+def _trained_tokenizer() -> str:
+    """The tiny BPE tokenizer as JSON, trained once per process (training takes a second or two)."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -70,6 +73,18 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_training_text(), trainer)
+    return tokenizer.to_str()
+
+
+def make_tokenizer(path: Path, *, bos: bool = False) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer; `bos`: it starts every text with <s> (as Llama's does)."""
+    tokenizer = Tokenizer.from_str(_trained_tokenizer())
+    if bos:
+        from tokenizers import processors
+
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
@@ -180,6 +195,11 @@ _TEXT_SIZES: dict[str, int] = {
     "conv_kernel": 4,
     "mamba_dt_rank": 8,
     "num_key_value_groups": 2,
+    "swa_num_attention_heads": 4,
+    "swa_head_dim": 16,
+    "swa_num_key_value_heads": 2,
+    "zero_expert_num": 2,
+    "expert_ffn_hidden_size": 32,
 }
 _VISION_SIZES: dict[str, int] = {
     "hidden_size": 32,
@@ -199,6 +219,11 @@ _VISION_SIZES: dict[str, int] = {
     "projector_output_dim": 64,
     "output_channels": 32,
 }
+# Sizes a default config leaves None for the model to derive or choose; a tiny one names them.
+_FILL_NONE = (
+    "head_dim", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+    "moe_intermediate_size", "num_local_experts",
+)  # fmt: skip
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 _INDEX_LIST_KEYS = ("moe_layers", "mlp_only_layers", "attn_layer_indices", "full_attn_idxs", "dense_layers")
 
@@ -216,10 +241,15 @@ def _representative_layers(config: dict, count: int, most: int) -> list[int]:
         k for k, v in config.items() if isinstance(v, list) and len(v) == count and k not in _INDEX_LIST_KEYS
     ]
     index_lists = [k for k in _INDEX_LIST_KEYS if isinstance(config.get(k), list)]
+    overrides = {int(k) for k in config.get("per_layer_config") or {}}
     chosen: list[int] = []
     seen: set[tuple] = set()
     for i in range(count):
-        signature = tuple(str(config[k][i]) for k in per_layer) + tuple(i in config[k] for k in index_lists)
+        signature = (
+            tuple(str(config[k][i]) for k in per_layer)
+            + tuple(i in config[k] for k in index_lists)
+            + (i in overrides,)
+        )
         if signature not in seen:
             seen.add(signature)
             chosen.append(i)
@@ -237,6 +267,12 @@ def _shrink_layers(config: dict, most: int = 4) -> None:
         return
     key, count = found
     chosen = _representative_layers(config, count, most)
+    if isinstance(config.get("per_layer_config"), dict):
+        config["per_layer_config"] = {
+            f"{chosen.index(int(k)):0{len(k)}d}": v
+            for k, v in config["per_layer_config"].items()
+            if int(k) in chosen
+        }
     for name, value in list(config.items()):
         if name in _INDEX_LIST_KEYS and isinstance(value, list):
             config[name] = [chosen.index(i) for i in value if i in chosen]
@@ -264,24 +300,75 @@ def _shrink_ids(config: dict) -> None:
 
 
 def _shrink(config: dict, sizes: dict[str, int], text: bool) -> None:
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    multi_head = isinstance(heads, int) and heads == kv_heads  # MHA (and MLA): keep every head its own
     for name, value in list(config.items()):
         if isinstance(value, dict) and (name.endswith("_config") or name == "text_config"):
             sub_text = name == "text_config" or name in ("language_config", "llm_config", "decoder_config")
             _shrink(value, _TEXT_SIZES if sub_text else _VISION_SIZES, sub_text)
         elif name in sizes and isinstance(value, int) and not isinstance(value, bool) and value > sizes[name]:
             config[name] = sizes[name]
+    if multi_head:
+        config["num_key_value_heads"] = config["num_attention_heads"]
+    _consistent_ssm(config)
+    if "unpadded_vocab_size" in config and isinstance(config["unpadded_vocab_size"], int):
+        config["unpadded_vocab_size"] = TINY_VOCAB + 32
+    if config.get("is_decoder") is False:  # encoders in the causal-LM mapping run as decoders there
+        config["is_decoder"] = True
     if text:
+        for name in _FILL_NONE:
+            if name in config and config[name] is None:
+                config[name] = sizes[name]
+        for value in (config.get("per_layer_config") or {}).values():
+            if isinstance(value, dict):
+                _shrink(value, sizes, False)
         if isinstance(config.get("vocab_size"), int):
             config["vocab_size"] = TINY_VOCAB + 32
         _shrink_ids(config)
         _shrink_layers(config)
         if "qk_head_dim" in config and "qk_nope_head_dim" in config:
             config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
-        if config.get("model_type", "").startswith("deepseek") and "qk_rope_head_dim" in config:
+        if "kv_lora_rank" in config and "qk_rope_head_dim" in config:  # MLA: head_dim is the rope part
             config["head_dim"] = config["qk_rope_head_dim"]
+        _shrink_mrope(config, config.get("head_dim") or 16)
         config["tie_word_embeddings"] = config.get("tie_word_embeddings", False)
     else:
         _shrink_layers(config, most=1)
+
+
+def _consistent_ssm(config: dict) -> None:
+    """Mamba heads must tile the expanded hidden size."""
+    hidden = config.get("hidden_size")
+    if not isinstance(hidden, int):
+        return
+    if isinstance(config.get("mamba_expand"), int) and isinstance(config.get("mamba_n_heads"), int):
+        config["mamba_d_head"] = config["mamba_expand"] * hidden // config["mamba_n_heads"]
+    if config.get("model_type") == "mamba2" and isinstance(config.get("num_heads"), int):
+        config["head_dim"] = int(config.get("expand", 2) * hidden) // config["num_heads"]
+
+
+def _shrink_mrope(config: dict, head_dim: int) -> None:
+    """Multimodal rotary sections must add up to half the rotary dims: scale them down (Qwen-VL and
+    GLM-4V text models default to a 2:3:3 split when the config names none)."""
+    model_type = str(config.get("model_type", ""))
+    multimodal = any(part in model_type for part in ("vl", "glm4v", "glm46v", "glm_ocr", "glmga", "omni"))
+    if multimodal and isinstance(config.get("rope_parameters"), dict):
+        config["rope_parameters"].setdefault("mrope_section", [2, 3, 3])
+    for rope in _dicts(config.get("rope_parameters")):
+        section = rope.get("mrope_section")
+        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor")) or 1.0
+        half = int(head_dim * factor) // 2
+        if isinstance(section, list) and section and sum(section) != half:
+            scaled = [max(1, round(v * half / sum(section))) for v in section]
+            scaled[-1] += half - sum(scaled)
+            rope["mrope_section"] = scaled
+
+
+def _dicts(value: object) -> list[dict]:
+    if not isinstance(value, dict):
+        return []
+    nested = [v for v in value.values() if isinstance(v, dict)]
+    return [value, *nested]
 
 
 def tiny_config(model_type: str, **overrides: object) -> transformers.PretrainedConfig:
@@ -309,6 +396,8 @@ def make_tiny_of_type(
     auto class, else the image-text-to-text one) with the tiny tokenizer to `path`."""
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
+    if not hasattr(config, "pad_token_id"):
+        config.pad_token_id = None  # some composite configs leave it to their text config
     cls = _model_class(config, model_class)
     model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config)
     model.save_pretrained(path)
@@ -321,10 +410,13 @@ def _model_class(config: transformers.PretrainedConfig, name: str | None) -> typ
         return getattr(transformers, name)
     from transformers.models.auto import modeling_auto
 
-    for mapping in (
+    mappings = [
         modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    ):
+    ]
+    if hasattr(config, "vision_config"):  # a composite config: its class is the vision-language one
+        mappings.reverse()
+    for mapping in mappings:
         if config.model_type in mapping:
             return getattr(transformers, mapping[config.model_type])
     raise ValueError(f"{config.model_type}: no causal-LM or image-text-to-text class")
