@@ -33,7 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "architectures.json"
 TABLE = ROOT / "docs" / "architectures.md"
-TIMEOUT_S = 900
+TIMEOUT_S = 600
+CHUNK = 12  # types per worker before its pool is replaced
 
 # Not decoder-only transformers (so not counted in the decoder goal): the row still says what happens.
 ENCODERS = {
@@ -210,8 +211,10 @@ def run_one(model_type: str) -> dict[str, Any]:
 
 
 def sweep(types: list[str], rows: dict[str, dict[str, Any]], workers: int) -> None:
-    """Run `types` on a pool of worker processes (imports paid once per worker); a worker that dies
-    takes its type down as "crashed" and the pool is rebuilt for the rest."""
+    """Run `types` on pools of worker processes (imports paid once per worker), a fresh pool every
+    CHUNK types (a long-lived worker grows; and max_tasks_per_child can deadlock the pool when a
+    worker is replaced); a worker that dies takes its type down as "crashed" and the pool is
+    rebuilt for the rest."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -219,8 +222,9 @@ def sweep(types: list[str], rows: dict[str, dict[str, Any]], workers: int) -> No
     pending = list(types)
     context = multiprocessing.get_context("spawn")
     while pending:
-        with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=25) as pool:
-            futures = {pool.submit(run_one, t): t for t in pending}
+        chunk = pending[: CHUNK * workers]
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(run_one, t): t for t in chunk}
             try:
                 for future in as_completed(futures):
                     model_type = futures[future]

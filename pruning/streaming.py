@@ -142,8 +142,9 @@ def _capture_one(skeleton: Skeleton, ids: torch.Tensor, store: torch.device, as_
         raise
     except Exception as exc:  # the model's own forward: it cannot run as Shears runs it
         raise ModelUnavailable(
-            f"{name}: its forward fails on token ids alone ({type(exc).__name__}: {exc}); Shears "
-            "calibrates on text, so this architecture is not supported"
+            f"{name}: its forward fails as Shears runs it ({type(exc).__name__}: {exc}); Shears runs "
+            "it on token ids alone (text calibration) with decoder blocks that pass only hidden "
+            "states on, so this architecture is not supported"
         ) from exc
     if len(calls) != skeleton.num_blocks:
         raise ModelUnavailable(
@@ -217,9 +218,10 @@ def head_logits(skeleton: Skeleton, ids: torch.Tensor, final_hidden: torch.Tenso
                 logits = skeleton.model(input_ids=ids.to(skeleton.device), use_cache=False).logits
         except Exception as exc:  # the model's own head: it cannot run as Shears runs it
             raise ModelUnavailable(
-                f"{type(skeleton.model).__name__}: its forward fails on token ids alone "
-                f"({type(exc).__name__}: {exc}); Shears calibrates on text, so this architecture is "
-                "not supported"
+                f"{type(skeleton.model).__name__}: its forward fails as Shears runs it "
+                f"({type(exc).__name__}: {exc}); Shears runs it on token ids alone (text "
+                "calibration) with decoder blocks that pass only hidden states on, so this "
+                "architecture is not supported"
             ) from exc
         if logits.shape[:-1] == ids.shape:  # else the loop took [0] of our tensor: blocks return tuples
             return logits

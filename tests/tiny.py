@@ -160,6 +160,8 @@ _TEXT_SIZES: dict[str, int] = {
     "moe_topk": 2,
     "top_k": 2,
     "n_group": 2,
+    "num_expert_group": 2,
+    "num_experts_per_token": 2,
     "topk_group": 1,
     "n_shared_experts": 1,
     "num_shared_experts": 1,

@@ -252,7 +252,7 @@ def test_architectures_shears_cannot_run_are_refused_before_any_work(
     from shears.errors import ModelUnavailable
 
     events: list[object] = []
-    with pytest.raises(ModelUnavailable, match=r"fails on token ids alone.*not supported"):
+    with pytest.raises(ModelUnavailable, match=r"fails as Shears runs it.*pixel_values.*not supported"):
         prune(_request(tiny_of_type("blip-2")), tmp_path / "out", reporter=events.append)
     assert "pruning" not in [getattr(e, "phase", None) for e in events]
     assert list(tmp_path.iterdir()) == []
