@@ -208,10 +208,12 @@ def build_skeleton(
     cls = model_class(config, trust_remote_code)
     with init_empty_weights(include_buffers=False):
         try:
+            # Built in the compute dtype, as from_pretrained(dtype=...) builds it: buffers made at
+            # construction (GPT-1's causal mask) get that dtype, or a bf16 forward mixes dtypes.
             if hasattr(cls, "_from_config"):
-                model = cls._from_config(config)
+                model = cls._from_config(config, dtype=dtype)
             else:
-                model = cls.from_config(config, trust_remote_code=trust_remote_code)
+                model = cls.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise ModelUnavailable(f"{folder}: transformers cannot build {cls.__name__}: {exc}") from exc
     model.eval()

@@ -175,8 +175,8 @@ def run_block(block: nn.Module, index: int, batch: Batch, device: torch.device) 
     args = tuple(_to(a, device) for a in call.args)
     kwargs = {k: _to(v, device) for k, v in call.kwargs.items()}
     out = block(batch.hidden.to(device), *args, **kwargs)
-    _RETURNS_TUPLE[type(block)] = isinstance(out, tuple)
-    if isinstance(out, tuple):
+    _RETURNS_TUPLE[type(block)] = isinstance(out, (tuple, list))  # GPT-1's blocks return a list
+    if isinstance(out, (tuple, list)):
         out = out[0]
     return out.to(batch.hidden.device)
 
