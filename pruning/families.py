@@ -55,4 +55,9 @@ class Refusal:
 # Model types refused before any work, with the reason the user sees. Filled from the sweep
 # (bench/architectures.py): each entry is an architecture whose streamed forward is not the
 # model's forward, or whose weights cannot be written back in the checkpoint's format.
-REFUSED: dict[str, Refusal] = {}
+REFUSED: dict[str, Refusal] = {
+    "xlm": Refusal(
+        "its layers are split over parallel module lists (attentions, layer_norm1, ffns, layer_norm2) "
+        "that the model's forward interleaves; Shears streams one list of whole decoder blocks"
+    ),
+}
