@@ -41,11 +41,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--methods", default="wanda,sparsegpt", help="comma list of wanda, sparsegpt")
     args = parser.parse_args()
+    runs = [(method, pattern) for method, pattern in RUNS if method in args.methods.split(",")]
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as work:
         jobs = []
-        for method, pattern in RUNS:  # the four jobs run side by side, each its own process
+        for method, pattern in runs:  # the jobs run side by side, each its own process
             for dtype in DTYPES:
                 out = Path(work) / f"{method}-{pattern.replace(':', '-')}-{dtype}"
                 command = [
@@ -74,7 +76,7 @@ def main() -> None:
     result = {
         "machine": "2-core Xeon with AMX, shared with other jobs (load average ~11), CPU only",
         "command": f"bench/compute_dtype.py --samples {args.samples} --seqlen {args.seqlen} "
-        f"--eval-tokens {args.eval_tokens}",
+        f"--eval-tokens {args.eval_tokens} --methods {args.methods}",
         "runs": [row for row, _ in rows],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
