@@ -23,12 +23,15 @@ from torch import Tensor, nn
 
 from shears.progress import Event
 from shears.pruning.block_pruner import LayerResult, prune_block
+from shears.pruning.checkpoint import Checkpoint
 from shears.pruning.config import StructureSpec
 from shears.pruning.engine import ERROR_SAMPLE_TOKENS, _Job, _leading_batches
 from shears.pruning.evaluate import finish
+from shears.pruning.keymap import KeyMap
 from shears.pruning.methods import METHODS
 from shears.pruning.output import copy_model_files, verify_output, write_manifest
 from shears.pruning.plan import layer_targets
+from shears.pruning.prunable import Prunable
 from shears.pruning.resources import release_freed_memory
 from shears.pruning.runtimes import check_configured
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
@@ -103,7 +106,7 @@ class StructuredJob(_Job):
             copy_model_files(model.path, self.work, self._output_dtype(skeleton))
             _write_config(self.work, layout.config_dict(kept_blocks))
         with self.clock.phase("verifying"):
-            verify_output(self.work, layers, request.pattern)
+            verify_output(self.work, layers, request.pattern, KeyMap(pruned.model, Checkpoint(self.work)))
             verify_structure(self.work, layout, kept_blocks)
         structure = {
             "plan": {
@@ -226,8 +229,8 @@ class StructuredJob(_Job):
                     cut, index, linears, chosen, masters, calib, self.request, device, outputs
                 )
                 measured = measured or dense_known
-                for name, weight in masters.items():
-                    sliced[_checkpoint_name(pruned, layout, name + ".weight")] = weight
+                for param, weight in masters.items():
+                    sliced[_checkpoint_name(pruned, layout, param)] = weight
                 results += layer_results
             record["output_error"] = self._advance(
                 cut, index, calib, pruned_eval, dense_out if measured else None, sampled
@@ -288,14 +291,18 @@ class StructuredJob(_Job):
         new: int,
         targets: dict[str, float | None],
         sliced: dict[str, Tensor],
-    ) -> tuple[dict[str, float], dict[str, nn.Linear], dict[str, Tensor]]:
-        linears = {n: m for n, m in pruned.linear_layers(new).items() if targets.get(n) is not None}
+    ) -> tuple[dict[str, float], dict[str, Prunable], dict[str, Tensor]]:
+        """The cut block's linear layers to sparsify (experts stay as cut), and their weights by
+        parameter name (what prune_block solves on)."""
+        linears = {
+            n: p for n, p in pruned.prunables(new).items() if p.expert is None and targets.get(n) is not None
+        }
         chosen = {n: float(targets[n]) for n in linears}  # type: ignore[arg-type]
         dtype = self._output_dtype_or_none()
         masters = {}
-        for name in linears:
-            weight = sliced[_checkpoint_name(pruned, layout, name + ".weight")].to(self._device)
-            masters[name] = weight.to(dtype or weight.dtype)
+        for layer in linears.values():
+            weight = sliced[_checkpoint_name(pruned, layout, layer.param)].to(self._device)
+            masters[layer.param] = weight.to(dtype or weight.dtype)
         return chosen, linears, masters
 
     @torch.inference_mode()
@@ -375,7 +382,9 @@ def _pruned_skeleton(layout: ModelLayout, kept_blocks: list[int], dense: Skeleto
     model = _meta_model(config)
     model.eval()
     prefix, blocks = find_blocks(model, len(kept_blocks))
-    return Skeleton(model, config, dense.checkpoint, blocks, prefix, dense.device, dense.dtype)
+    # The dense key map: the pruned skeleton's blocks are filled from cut tensors (_load_block),
+    # never read through it.
+    return Skeleton(model, config, dense.checkpoint, dense.keymap, blocks, prefix, dense.device, dense.dtype)
 
 
 def _checkpoint_name(pruned: Skeleton, layout: ModelLayout, module_name: str) -> str:
