@@ -130,6 +130,23 @@ class Checkpoint:
         return max(totals, key=lambda d: totals[d]) if totals else torch.float32
 
 
+class TensorSource:
+    """Tensors already in memory, read like a Checkpoint: what a KeyMap converts cut tensors from."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        self.folder = folder  # named in errors
+        self._tensors = tensors
+        self.shapes: dict[str, tuple[int, ...]] = {n: tuple(t.shape) for n, t in tensors.items()}
+        self.dtypes: dict[str, torch.dtype] = {n: t.dtype for n, t in tensors.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def load(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {name: self._tensors[name].to(device) for name in names}
+
+
 def _read(handle: BinaryIO, entry: _Entry, path: Path) -> torch.Tensor:
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     if entry.nbytes:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from shears.errors import ModelUnavailable
-from shears.pruning.checkpoint import Checkpoint
+from shears.pruning.checkpoint import Checkpoint, TensorSource
 
 
 @dataclass
@@ -40,7 +40,7 @@ class _Unit:
 class KeyMap:
     """Which checkpoint tensors make each model parameter, and how to turn them back."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint) -> None:
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint | TensorSource) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
@@ -90,6 +90,11 @@ class KeyMap:
 
     # --- names ------------------------------------------------------------------------------
 
+    @property
+    def params(self) -> list[str]:
+        """Every model parameter the checkpoint's tensors make."""
+        return list(self._of_param)
+
     def has(self, param: str) -> bool:
         return param in self._of_param
 
@@ -111,7 +116,10 @@ class KeyMap:
     # --- tensors ----------------------------------------------------------------------------
 
     def load(
-        self, params: Iterable[str], device: torch.device | str = "cpu", checkpoint: Checkpoint | None = None
+        self,
+        params: Iterable[str],
+        device: torch.device | str = "cpu",
+        checkpoint: Checkpoint | TensorSource | None = None,
     ) -> dict[str, torch.Tensor]:
         """Model-layout tensors for `params`, read from `checkpoint` (default: the one mapped)."""
         source = checkpoint or self.checkpoint

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from shears.progress import Event
 from shears.pruning.block_pruner import LayerResult, prune_block
-from shears.pruning.checkpoint import Checkpoint
+from shears.pruning.checkpoint import Checkpoint, TensorSource
 from shears.pruning.config import StructureSpec
 from shears.pruning.engine import ERROR_SAMPLE_TOKENS, _Job, _leading_batches
 from shears.pruning.evaluate import finish
@@ -393,15 +393,24 @@ def _checkpoint_name(pruned: Skeleton, layout: ModelLayout, module_name: str) ->
 
 
 def _load_block(pruned: Skeleton, layout: ModelLayout, new: int, tensors: dict[str, Tensor]) -> nn.Module:
-    """Fill pruned block `new` with its cut checkpoint tensors, in the compute dtype."""
+    """Fill pruned block `new` with its cut checkpoint tensors, in the compute dtype. The tensors
+    go through transformers' conversions as from_pretrained would load them (per-expert tensors
+    become the fused experts parameters)."""
     block = pruned.blocks[new]
-    prefix = f"{layout.checkpoint_prefix}.{new}."
+    keymap = KeyMap(pruned.model, TensorSource(tensors, layout.checkpoint.folder))
+    if keymap.unmapped:
+        raise RuntimeError(f"cannot load {keymap.unmapped[:3]} into the pruned block (no such parameter)")
+    prefix = f"{pruned.blocks_prefix}.{new}."
     params = dict(block.named_parameters())
-    for name, tensor in tensors.items():
-        relative = name[len(prefix) :]
-        if relative not in params:
-            raise RuntimeError(f"cannot load {name} into the pruned block (no such parameter)")
-        set_module_tensor_to_device(block, relative, pruned.device, value=tensor, dtype=pruned.dtype)
+    loaded = keymap.load(keymap.params)
+    outside = [name for name in loaded if not name.startswith(prefix) or name[len(prefix) :] not in params]
+    unset = sorted(set(params) - {name[len(prefix) :] for name in loaded})
+    if outside or unset:
+        raise RuntimeError(f"the cut tensors of block {new} load into {outside[:3]} and miss {unset[:3]}")
+    for name, tensor in loaded.items():
+        set_module_tensor_to_device(
+            block, name[len(prefix) :], pruned.device, value=tensor, dtype=pruned.dtype
+        )
     block.to(pruned.device)
     return block
 

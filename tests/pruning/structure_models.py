@@ -3,10 +3,12 @@ layers, Qwen3-MoE and a Gemma 3 vision-language model, saved as real Hugging Fac
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from tests.tiny import make_tokenizer
 
@@ -72,3 +74,26 @@ def make_structure_model(family: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     make_tokenizer(path)
     return path
+
+
+_PER_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(folder: Path) -> None:
+    """Rewrite a saved MoE folder's per-expert tensors as the fused module parameters
+    (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]), as some checkpoints ship."""
+    tensors = load_file(folder / "model.safetensors")
+    fused: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _PER_EXPERT.match(name)
+        if match is None:
+            fused[name] = tensor
+        else:
+            experts.setdefault(match["head"], {})[int(match["expert"]), match["proj"]] = tensor
+    for head, weights in experts.items():
+        count = 1 + max(expert for expert, _ in weights)
+        gate_up = [torch.cat([weights[e, "gate"], weights[e, "up"]]) for e in range(count)]
+        fused[f"{head}.gate_up_proj"] = torch.stack(gate_up)
+        fused[f"{head}.down_proj"] = torch.stack([weights[e, "down"] for e in range(count)])
+    save_file(fused, folder / "model.safetensors", metadata={"format": "pt"})

@@ -17,7 +17,7 @@ from shears.errors import InvalidRequest
 from shears.manifest import verify_files
 from shears.pruning.config import CalibrationSpec, EvaluationSpec, PruneRequest
 from shears.pruning.engine import prune
-from tests.pruning.structure_models import make_structure_model
+from tests.pruning.structure_models import fuse_experts, make_structure_model
 
 CALIB = CalibrationSpec(samples=4, seqlen=64, batch_size=2)
 EVAL = EvaluationSpec(seqlen=64, max_tokens=256)
@@ -49,6 +49,17 @@ def _loaded_logits(folder: Path) -> torch.Tensor:
         logits = model(input_ids=torch.arange(3, 35).reshape(2, 16)).logits
     assert torch.isfinite(logits).all()
     return logits
+
+
+def _per_expert_stacked(tensors: dict[str, torch.Tensor], head: str, count: int) -> dict[str, torch.Tensor]:
+    """A block's experts as fused [E, ...] tensors, whichever layout they were saved in."""
+    if f"{head}.gate_up_proj" in tensors:
+        return {f"{head}.{name}": tensors[f"{head}.{name}"] for name in ("gate_up_proj", "down_proj")}
+    weights = {
+        p: [tensors[f"{head}.{e}.{p}_proj.weight"] for e in range(count)] for p in ("gate", "up", "down")
+    }
+    gate_up = [torch.cat([g, u]) for g, u in zip(weights["gate"], weights["up"], strict=True)]
+    return {f"{head}.gate_up_proj": torch.stack(gate_up), f"{head}.down_proj": torch.stack(weights["down"])}
 
 
 def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_its_own(
@@ -93,15 +104,18 @@ def test_depth_and_width_give_a_smaller_standard_folder_whose_streamed_ppl_is_it
     assert saved.ppl == pytest.approx(manifest["perplexity"]["pruned"], rel=1e-4)
 
 
-@pytest.mark.skip(
-    reason="the skeleton now reads fused experts (pruning/keymap.py), but the structured job still loads "
-    "cut per-expert checkpoint tensors into the fused experts parameters: to be wired through the key map"
-)
-def test_experts_heads_and_depth_of_a_moe_model_compute_what_the_job_streamed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["per-expert-checkpoint", "fused-checkpoint"])
+def test_experts_heads_and_depth_of_a_moe_model_compute_what_the_job_streamed(
+    tmp_path: Path, fused: bool
+) -> None:
+    """The module holds the experts fused ([E, 2I, H] gate_up_proj); the checkpoint holds them per
+    expert (as transformers saves them) or fused, and the output keeps the checkpoint's layout."""
     from shears.calibration.windows import load_windows
     from shears.pruning.evaluate import perplexity_of_folder
 
     folder, out = make_structure_model("qwen3_moe", tmp_path / "moe"), tmp_path / "out"
+    if fused:
+        fuse_experts(folder)
     job = request(
         folder, structure={"experts": 0.5, "heads": 0.5, "mlp": 0.5, "layers": 0.25}, compute_dtype="float32"
     )
@@ -115,8 +129,25 @@ def test_experts_heads_and_depth_of_a_moe_model_compute_what_the_job_streamed(tm
     assert config.intermediate_size == plan["intermediate_size"] == dense.intermediate_size // 2
     moe_blocks = [b for b in manifest["structure"]["blocks"] if "experts" in b]
     assert moe_blocks and all(len(b["experts"]["removed"]) == 4 for b in moe_blocks)
-    tensors = _tensors(out)
+    tensors, dense_tensors = _tensors(out), _tensors(folder)
     assert sum(t.numel() for t in tensors.values()) == manifest["structure"]["parameters"]["after"]
+    # written in the checkpoint's own layout: the kept experts renumbered, their bytes unchanged
+    assert any("gate_up_proj" in name for name in dense_tensors) == fused
+    for block in moe_blocks:
+        old, new = f"model.layers.{block['index']}.mlp", f"model.layers.{block['new_index']}.mlp"
+        kept = [e for e in range(dense.num_experts) if e not in block["experts"]["removed"]]
+        expected = {
+            name.replace(old, new, 1): tensor[kept]
+            for name, tensor in _per_expert_stacked(
+                dense_tensors, f"{old}.experts", dense.num_experts
+            ).items()
+        }
+        saved = _per_expert_stacked(tensors, f"{new}.experts", len(kept))
+        assert saved.keys() == expected.keys() and all(saved[n].equal(expected[n]) for n in saved)
+        layout = {n.removeprefix(f"{new}.experts.") for n in tensors if n.startswith(f"{new}.experts.")}
+        per_expert = {f"{e}.{p}_proj.weight" for e in range(len(kept)) for p in ("gate", "up", "down")}
+        assert layout == ({"gate_up_proj", "down_proj"} if fused else per_expert)
+        assert tensors[f"{new}.gate.weight"].equal(dense_tensors[f"{old}.gate.weight"][kept])
     _loaded_logits(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     windows = load_windows(CALIB, EVAL, tokenizer)
