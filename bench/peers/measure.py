@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from shears.pruning.checkpoint import Checkpoint
-from shears.pruning.skeleton import _num_layers, find_blocks
+from shears.pruning.skeleton import find_blocks, num_layers
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def pruned_weight_names(dense_folder: Path) -> list[str]:
     config = AutoConfig.from_pretrained(dense_folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    prefix, blocks = find_blocks(model, _num_layers(config))
+    prefix, blocks = find_blocks(model, num_layers(config))
     return [
         f"{prefix}.{index}.{name}.weight"
         for index, block in enumerate(blocks)

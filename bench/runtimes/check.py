@@ -35,6 +35,9 @@ VENV = ROOT / "bench" / ".venv-vllm"
 WORK = ROOT / "bench" / "work" / "runtimes"
 MODEL = "smollm2-135m"  # the built-in model: big enough for vLLM's CPU kernels, pruned in seconds
 MAGNITUDE_24 = ("prune", MODEL, "--method", "magnitude", "--pattern", "2:4", "--no-eval", "--quiet")
+# Issue 12's output: 6 of 30 blocks, a quarter of the MLP channels and 1 of 3 head groups removed.
+STRUCTURED = "layers=0.2,mlp=0.25,heads=0.34,speed=false"
+STRUCTURED_SHAPE = {"num_hidden_layers": 24, "intermediate_size": 1152, "num_key_value_heads": 2}
 
 
 def _has(*names: str) -> Callable[[Path], str | None]:
@@ -51,6 +54,14 @@ def _lacks(*names: str) -> Callable[[Path], str | None]:
         return f"unexpected {present}" if present else None
 
     return check
+
+
+def _smaller_than_smollm2(folder: Path) -> str | None:
+    """A structured output: fewer blocks, a narrower MLP and fewer heads than SmolLM2-135M's
+    30 blocks, 1536 channels and 9 heads in 3 key-value groups."""
+    config = json.loads((folder / "config.json").read_text())
+    shape = {k: config[k] for k in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")}
+    return None if shape == STRUCTURED_SHAPE else f"config {shape}, expected {STRUCTURED_SHAPE}"
 
 
 def _old_layout(folder: Path) -> None:
@@ -103,6 +114,29 @@ KINDS: tuple[OutputKind, ...] = (
             ),
         ),
         expect=_has("model.safetensors.index.json", "packed/sparse.safetensors.index.json"),
+    ),
+    OutputKind(
+        "structured",
+        "fewer blocks, a narrower MLP, fewer heads: a smaller dense model (structure, method none)",
+        commands=(
+            (
+                "prune",
+                MODEL,
+                "--method",
+                "none",
+                "--structure",
+                STRUCTURED,
+                "--samples",
+                "16",
+                "--seqlen",
+                "128",
+                "--no-eval",
+                "--quiet",
+                "--out",
+                "{out}",
+            ),
+        ),
+        expect=_smaller_than_smollm2,
     ),
     OutputKind(
         "control-old-layout",
