@@ -84,7 +84,7 @@ def test_form_options_list_what_this_server_allows(
     local = set(options["local_models"])
     assert {str(model_root / "tiny"), str(model_root / "medium"), str(extra_models / "tiny6")} <= local
     assert str(extra_models / HOSTILE_NAME) in local
-    assert options["request_schema"]["required"] == ["model", "method", "sparsity"]
+    assert options["request_schema"]["required"] == ["model", "method"]  # sparsity: not with method none
     assert options["text_files"] == []  # no --text-dir given
     assert "javascript" in httpx.get(ui_server.url + "/ui/static/jobs.js").headers["content-type"]
 
