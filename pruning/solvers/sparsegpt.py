@@ -25,42 +25,77 @@ if TYPE_CHECKING:  # the options model needs pydantic; the solver runs without i
 log = logging.getLogger(__name__)
 
 DAMP_RETRIES = 4  # damp, 10x, 100x, 1000x, 10000x
+FLIP_ROWS = 256  # rows of H reversed per copy
 
 
 @torch.no_grad()
-def inverse_hessian_factor(hessian: Tensor, damp: float, retries: int = DAMP_RETRIES) -> tuple[Tensor, float]:
+def inverse_hessian_factor(
+    hessian: Tensor, damp: float, retries: int = DAMP_RETRIES, dead: Tensor | None = None
+) -> tuple[Tensor, float]:
     """Upper Cholesky factor U of (H + d * mean(diag H) * I)^-1 and the relative damping d used.
 
-    H must already have its dead inputs fixed. d starts at `damp` and grows 10x per failed attempt;
-    if every attempt fails, RuntimeError (never the identity: that would be magnitude pruning).
-    U comes from one Cholesky and one triangular inverse, without forming H^-1: with P the
-    index reversal and P H P = L L^T, H^-1 = (P L^-1 P)^T (P L^-1 P) and P L^-1 P is upper.
+    `hessian` is read, never written; `dead` (inputs that never fired) get H_ii = 1 in the copy.
+    d starts at `damp` and grows 10x per failed attempt; if every attempt fails, RuntimeError (never
+    the identity: that would be magnitude pruning). U comes from one Cholesky and one triangular
+    inverse, without forming H^-1: with P the index reversal and P H P = L L^T,
+    H^-1 = (P L^-1 P)^T (P L^-1 P) and P L^-1 P is upper.
+
+    Memory: K x K buffers dominate a block's peak (127 MiB each at K = 5632), so the work happens
+    in two of them besides `hessian`: the reversed, damped copy becomes L in place, an identity
+    becomes L^-1 in place and is reversed in place into U (returned column-major).
     """
-    scale = hessian.diagonal().abs().mean()
     if not bool(torch.isfinite(hessian).all()):
         raise RuntimeError(
             "SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)"
         )
+    diagonal = hessian.diagonal() if dead is None else torch.where(dead, 1.0, hessian.diagonal())
+    scale = diagonal.abs().mean()
     size = hessian.shape[0]
     relative = damp
     for attempt in range(retries + 1):
-        damped = hessian.flip(0, 1)
-        damped.diagonal().add_(relative * scale)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped  # K x K buffers are large (784 MiB at K = 14336): free each one early
+        # P H P, the only copy of H, column-major: LAPACK's layout, so the Cholesky runs in place.
+        work = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
+        for start in range(0, size, FLIP_ROWS):  # in slices: a whole flipped temporary is a third buffer
+            end = min(start + FLIP_ROWS, size)
+            work[start:end].copy_(hessian[size - end : size - start].flip(0, 1))
+        if dead is not None:
+            work.diagonal().copy_(diagonal.flip(0))
+        work.diagonal().add_(relative * scale)
+        _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty((), dtype=torch.int32)))
         if int(info) == 0:
-            eye = torch.eye(size, dtype=lower.dtype, device=lower.device)
-            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
-            del lower, eye
+            # Solved into the transposed view of an identity: column-major, as LAPACK writes it, so
+            # the solve happens in place (and gives the bits of an out-of-place solve).
+            buffer = torch.eye(size, dtype=work.dtype, device=work.device)
+            upper = buffer.mT
+            torch.linalg.solve_triangular(work, upper, upper=False, out=upper)
+            del work
+            reverse_in_place(buffer)  # P L^-1 P
             if bool(torch.isfinite(upper.diagonal()).all()) and bool((upper.diagonal() > 0).all()):
                 if attempt:
                     log.warning("SparseGPT: Hessian needed damping %g (asked for %g)", relative, damp)
                 return upper, relative
+            del upper, buffer
+        else:
+            del work
         relative *= 10
     raise RuntimeError(
         f"SparseGPT: the Hessian is not positive definite even with damping {relative / 10:g} x mean(diag H) "
         f"({retries + 1} attempts from {damp:g}); the calibration inputs of this layer are degenerate"
     )
+
+
+def reverse_in_place(matrix: Tensor, chunk: int = 1 << 18) -> None:
+    """matrix.copy_(matrix.flip(0, 1)) for a contiguous matrix, with chunk-sized temporaries only.
+
+    Flipping both axes of a contiguous matrix reverses its flat storage: swap mirrored chunks.
+    """
+    flat = matrix.view(-1)
+    total = flat.numel()
+    for start in range(0, total // 2, chunk):
+        end = min(start + chunk, total // 2)
+        head = flat[start:end].flip(0)
+        flat[start:end] = flat[total - end : total - start].flip(0)
+        flat[total - end : total - start] = head
 
 
 @dataclass(frozen=True)
@@ -76,11 +111,10 @@ class PreparedHessian:
 @torch.no_grad()
 def prepare_hessian(hessian: Tensor, damp: float, device: torch.device | None = None) -> PreparedHessian:
     with ieee_fp32_matmul():
-        hess = hessian.detach().to(device=device or hessian.device, dtype=torch.float32, copy=True)
+        hess = hessian.detach().to(device=device or hessian.device, dtype=torch.float32)  # no copy if fp32
         dead = hess.diagonal() == 0
-        hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
-        hinv, relative = inverse_hessian_factor(hess, damp)
-        damping = relative * float(hess.diagonal().abs().mean())
+        hinv, relative = inverse_hessian_factor(hess, damp, dead=dead)
+        damping = relative * float(torch.where(dead, 1.0, hess.diagonal()).abs().mean())
     return PreparedHessian(hinv, dead, damping)
 
 

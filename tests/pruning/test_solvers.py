@@ -9,7 +9,15 @@ from shears.errors import InvalidRequest
 from shears.pattern import Pattern
 from shears.pruning.masks import satisfies_pattern
 from shears.pruning.methods import METHODS
-from shears.pruning.solvers import layer_error, magnitude_prune, solve, sparsegpt_prune, wanda_prune
+from shears.pruning.solvers import (
+    PreparedHessian,
+    layer_error,
+    magnitude_prune,
+    prepare_hessian,
+    solve,
+    sparsegpt_prune,
+    wanda_prune,
+)
 from shears.pruning.solvers.sparsegpt import inverse_hessian_factor
 from shears.pruning.stats import HessianAccumulator, InputNormAccumulator
 
@@ -293,3 +301,33 @@ def test_argument_errors(layer) -> None:
         solve("sparsegpt", weight, sparsity=0.5, pattern=Pattern())
     with pytest.raises(ValueError, match="wanda needs the layer's input statistic 'norms'"):
         solve("wanda", weight, sparsity=0.5, pattern=Pattern())
+
+
+def out_of_place_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The factorisation as it was before it was done in place (copies everywhere): the reference bits."""
+    hess = hessian.clone()
+    dead = hess.diagonal() == 0
+    hess.diagonal().copy_(torch.where(dead, 1.0, hess.diagonal()))
+    damped = hess.flip(0, 1)
+    damped.diagonal().add_(damp * hess.diagonal().abs().mean())
+    lower, info = torch.linalg.cholesky_ex(damped)
+    assert int(info) == 0
+    eye = torch.eye(hess.shape[0])
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+
+
+def test_in_place_factorisation_gives_the_same_bits() -> None:
+    x = activations(600, 200, seed=9)
+    x[:, [5, 77]] = 0  # dead inputs
+    hessian, _ = stats(x)
+    before = hessian.clone()
+    prepared = prepare_hessian(hessian, 0.01)
+    assert torch.equal(bits(prepared.hinv), bits(out_of_place_factor(hessian, 0.01)))
+    assert torch.equal(bits(hessian), bits(before))
+    weight = torch.randn(24, 200, generator=torch.Generator().manual_seed(10))
+    for pattern in ("unstructured", "2:4"):
+        parsed = Pattern.parse(pattern)
+        reference = PreparedHessian(out_of_place_factor(hessian, 0.01), prepared.dead, prepared.damping)
+        ours = sparsegpt_prune(weight, hessian, 0.5, parsed)
+        theirs = sparsegpt_prune(weight, hessian, 0.5, parsed, prepared=reference)
+        assert torch.equal(bits(ours), bits(theirs))
