@@ -24,6 +24,9 @@ from typing import Literal
 from shears.errors import CalibrationError
 
 Split = Literal["all", "calibration", "evaluation"]
+Domain = Literal["shakespeare", "gsm8k"]
+DOMAINS: tuple[Domain, ...] = ("shakespeare", "gsm8k")
+GSM8K_EVALUATION_RECORDS = 319  # the last records of test.jsonl (about 45k SmolLM2 tokens), held out
 
 # Held out for perplexity: never part of the built-in calibration split.
 EVALUATION_WORKS = ("hamlet", "macbeth", "tempest", "twelfth_night")
@@ -106,3 +109,22 @@ def builtin_documents(split: Split = "all") -> Iterator[str]:
         for name, file in works:
             if name in EVALUATION_WORKS:
                 yield _read_work(file)
+
+
+def domain_documents(domain: Domain, split: Literal["calibration", "evaluation"]) -> Iterator[str]:
+    """One domain of the built-in corpus, for measuring how pruning carries over between domains.
+
+    shakespeare: the calibration works (every work but EVALUATION_WORKS) or the held-out plays;
+    gsm8k: all records but the last GSM8K_EVALUATION_RECORDS, or those last records.
+    The two splits of a domain never share a document; the corpus's own mixed split is untouched.
+    """
+    if domain == "gsm8k":
+        problems = _gsm8k()
+        cut = len(problems) - GSM8K_EVALUATION_RECORDS
+        yield from problems[:cut] if split == "calibration" else problems[cut:]
+        return
+    if domain != "shakespeare":
+        raise CalibrationError(f"unknown built-in domain {domain!r}; expected one of {', '.join(DOMAINS)}")
+    for name, file in _works():
+        if (name in EVALUATION_WORKS) == (split == "evaluation"):
+            yield _read_work(file)

@@ -1,13 +1,15 @@
 """`make bench-peers`: Shears against llm-compressor on the same model, tokens and evaluation.
 
-For each (method, pattern) both tools prune the same dense safetensors folder with the same
-calibration token ids (written once to a .safetensors file both read), each in its own child
-process measured from the outside (wall time, peak RSS); every output folder, and the dense model,
-goes through the one perplexity function `pruning.evaluate.perplexity_of_folder` on the same
-held-out windows. Then a width sweep of random-weight Llama-style models shows how prune time and
-peak RSS grow with size. Results: bench/results/peers-<date>.json, .md and .png (+ -scaling.png).
+Calibrated on each domain of the built-in corpus in turn (Shakespeare, GSM8K; bench.peers.domains),
+both tools prune the same dense safetensors folder with the same calibration token ids (one
+.safetensors file both read), each in its own child process measured from the outside (wall time,
+peak RSS). Every output folder, and the dense model, goes through the one perplexity function
+`pruning.evaluate.perplexity_of_folder` on the held-out text of *both* domains: the same domain as
+its calibration and the other one. Shears also runs its papers' variants. Then a width sweep of
+random-weight Llama-style models compares prune time and peak RSS as size grows.
+Results: bench/results/peers-<date>.json, .md and .png (+ -scaling.png).
 
-Usage: python -m bench.peers.run [--methods ...] [--patterns ...] [--no-scaling] ...
+Usage: python -m bench.peers.run [--methods ...] [--patterns ...] [--domains ...] [--no-scaling] ...
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.peers import report
+from bench.peers.domains import DomainWindows, describe, domain_windows
 from bench.peers.measure import parameter_count, pruned_weight_names
 from bench.peers.tools import (
     Job,
@@ -43,7 +46,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PEER_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
 DEFAULT_VLLM_PYTHON = REPO / "bench" / ".venv-vllm" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
-PLAIN_SPARSEGPT_FLAGS = ("--refine-iterations", "0")
+Domain = Literal["shakespeare", "gsm8k"]
+
+# Shears-only variants run next to each default: the papers' algorithms, one option away.
+VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sparsegpt": {"paper": ("--refine-iterations", "0")},
+}
 
 
 class BenchConfig(BaseModel):
@@ -54,12 +62,19 @@ class BenchConfig(BaseModel):
     methods: list[Method] = ["sparsegpt", "wanda", "magnitude"]
     patterns: list[str] = ["unstructured", "2:4"]
     sparsity: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    calibration_source: str = "builtin"
+    domains: list[Domain] = Field(
+        ["shakespeare", "gsm8k"],
+        description="calibrate on each in turn; every output is evaluated on the held-out text of all",
+    )
     samples: Annotated[int, Field(ge=1)] = 64
     seqlen: Annotated[int, Field(ge=8)] = 512
     batch_size: Annotated[int, Field(ge=1)] = 8
     eval_seqlen: Annotated[int, Field(ge=8)] = 512
     eval_tokens: Annotated[int, Field(ge=64)] = 20480
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Shears' block forwards ('auto': bf16 on CPUs with AMX/AVX512-BF16)"
+    )
+    variants: bool = Field(True, description="also run Shears' VARIANTS (the papers' algorithms)")
     peer_python: Path | None = Field(DEFAULT_PEER_PYTHON, description="None or missing: Shears side only")
     vllm_python: Path | None = Field(
         DEFAULT_VLLM_PYTHON, description="None or missing: outputs are not loaded in vLLM (make vllm-venv)"
@@ -72,8 +87,9 @@ class BenchConfig(BaseModel):
     scaling_layers: Annotated[int, Field(ge=1)] = 8
     scaling_ffn_ratio: Annotated[int, Field(ge=1)] = 4
     scaling_samples: Annotated[int, Field(ge=1)] = 16
-    scaling_method: Method = "sparsegpt"
-    scaling_pattern: str = "unstructured"
+    scaling_runs: list[str] = Field(
+        ["sparsegpt:unstructured", "wanda:unstructured"], description="'method:pattern' timed at each width"
+    )
 
     @property
     def peer_available(self) -> bool:
@@ -116,6 +132,10 @@ def _save_ids(path: Path, ids: torch.Tensor) -> Path:
     return path
 
 
+def _slug(*parts: str) -> str:
+    return "-".join(part.replace(":", "of") for part in parts)
+
+
 class Bench:
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
@@ -123,6 +143,8 @@ class Bench:
         self.tag = config.tag or dt.date.today().isoformat()
         self.json_path = config.results_dir / f"peers-{self.tag}.json"
         self.data: dict[str, Any] = {}
+        self.windows: dict[str, DomainWindows] = {}
+        self.calib_paths: dict[str, Path] = {}
 
     def log(self, message: str) -> None:
         print(f"[bench-peers] {message}", file=sys.stderr, flush=True)
@@ -131,31 +153,58 @@ class Bench:
     def prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        from shears.calibration.windows import load_windows
         from shears.manifest import versions
-        from shears.pruning.config import CalibrationSpec, EngineOptions, EvaluationSpec
+        from shears.pruning.config import EngineOptions
         from shears.pruning.evaluate import perplexity_of_folder
         from shears.pruning.models import resolve_model
 
         config = self.config
+        if len(set(config.domains)) != len(config.domains) or not config.domains:
+            raise ValueError(f"domains must be distinct and not empty, got {config.domains}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.dense = resolve_model(config.model, None, EngineOptions()).path
         self.log(f"dense folder {self.dense}")
         tokenizer = AutoTokenizer.from_pretrained(self.dense)
-        windows = load_windows(
-            CalibrationSpec(source=config.calibration_source, samples=config.samples, seqlen=config.seqlen),
-            EvaluationSpec(seqlen=config.eval_seqlen, max_tokens=config.eval_tokens),
-            tokenizer,
-        )
-        assert windows.evaluation is not None
-        self.calibration_ids = windows.calibration
-        self.eval_ids = windows.evaluation
-        self.calib_path = _save_ids(
-            self.work / f"calib-{config.samples}x{config.seqlen}.safetensors", windows.calibration
-        )
+        calibration: dict[str, Any] = {}
+        evaluation: dict[str, Any] = {}
+        dense: dict[str, Any] = {}
+        for domain in config.domains:
+            windows = domain_windows(
+                domain,
+                self.work / "domains",
+                tokenizer,
+                samples=config.samples,
+                seqlen=config.seqlen,
+                eval_seqlen=config.eval_seqlen,
+                eval_tokens=config.eval_tokens,
+            )
+            self.windows[domain] = windows
+            path = _save_ids(
+                self.work / f"calib-{domain}-{config.samples}x{config.seqlen}.safetensors",
+                windows.calibration,
+            )
+            self.calib_paths[domain] = path
+            calibration[domain] = {
+                "source": describe(domain, "calibration"),
+                "samples": int(windows.calibration.shape[0]),
+                "seqlen": int(windows.calibration.shape[1]),
+                "batch_size": config.batch_size,
+                "file": str(path),
+                "sha256": _sha256(path),
+                "info": windows.info,
+            }
+            self.log(f"{domain}: evaluating the dense model")
+            ppl = perplexity_of_folder(self.dense, windows.evaluation)
+            evaluation[domain] = {
+                "source": describe(domain, "evaluation"),
+                "function": "shears.pruning.evaluate.perplexity_of_folder",
+                "seqlen": ppl.seqlen,
+                "windows": ppl.windows,
+                "tokens": ppl.tokens,
+            }
+            dense[domain] = ppl.to_dict()
+            self.log(f"{domain}: dense perplexity {ppl.ppl:.3f} ({ppl.windows} x {ppl.seqlen} tokens)")
         self.weight_names = pruned_weight_names(self.dense)
-        self.log(f"{len(self.weight_names)} decoder-block Linear weights; evaluating the dense model")
-        dense_ppl = perplexity_of_folder(self.dense, self.eval_ids)
         self.data = {
             "benchmark": "shears-vs-llm-compressor",
             "date": self.tag,
@@ -168,30 +217,18 @@ class Bench:
                 "parameters": parameter_count(self.dense),
                 "pruned_weights": len(self.weight_names),
             },
-            "calibration": {
-                "source": config.calibration_source,
-                "samples": int(windows.calibration.shape[0]),
-                "seqlen": int(windows.calibration.shape[1]),
-                "batch_size": config.batch_size,
-                "file": str(self.calib_path),
-                "sha256": _sha256(self.calib_path),
-                "info": windows.info,
-            },
-            "evaluation": {
-                "function": "shears.pruning.evaluate.perplexity_of_folder",
-                "seqlen": dense_ppl.seqlen,
-                "windows": dense_ppl.windows,
-                "tokens": dense_ppl.tokens,
-                "source": windows.info.get("evaluation_source"),
-                "holdout": windows.info.get("evaluation_holdout"),
-            },
-            "dense": dense_ppl.to_dict(),
+            "domains": list(config.domains),
+            "calibration": calibration,
+            "evaluation": evaluation,
+            "dense": dense,
             "settings": {
                 "sparsity": config.sparsity,
                 "sparsegpt_damp": 0.01,
                 "sparsegpt_block_size": 128,
                 "device": "cpu",
-                "compute_dtype": "float32",
+                "shears_compute_dtype": config.compute_dtype,
+                "peer_compute_dtype": "float32",
+                "shears_variants": {m: {k: list(v) for k, v in vs.items()} for m, vs in VARIANTS.items()},
                 "peer_modifiers": "SparseGPTModifier / WandaPruningModifier targeting the decoder "
                 "blocks; MagnitudePruningModifier (init = final sparsity) with its "
                 "mask applied at finalize (see run_llmcompressor.py)",
@@ -204,7 +241,6 @@ class Bench:
             "import_floor": self._import_floors(),
             "scaling": None,
         }
-        self.log(f"dense perplexity {dense_ppl.ppl:.3f} ({dense_ppl.windows} x {dense_ppl.seqlen} tokens)")
 
     def _import_floors(self) -> dict[str, Any] | None:
         floors = {"shears": import_floor(shears_import_argv(), self.work / "logs" / "import-shears.log")}
@@ -217,49 +253,40 @@ class Bench:
         return floors
 
     # -- runs --------------------------------------------------------------------------------------
-    def _both(
-        self, job: Job, name: str, weight_names: list[str], evaluate: bool
-    ) -> tuple[ToolResult, ToolResult]:
-        shears, peer = self._runs(job, name, weight_names, evaluate, ("shears", "peer"))
-        return shears, peer
-
-    def _runs(
-        self, job: Job, name: str, weight_names: list[str], evaluate: bool, tools: tuple[str, ...]
-    ) -> list[ToolResult]:
+    def _run(self, tool: str, job: Job, name: str, weight_names: list[str], evaluate: bool) -> ToolResult:
         from shears.pruning.evaluate import perplexity_of_folder
 
-        results = []
-        for tool in tools:
-            out, log = self.work / "out" / f"{name}-{tool}", self.work / "logs" / f"{name}-{tool}.log"
-            load = [round(x, 2) for x in os.getloadavg()]
-            if tool == "shears":
-                self.log(f"{name}: Shears")
-                result = run_shears(job, out, log, weight_names)
-            elif self.config.peer_available:
-                assert self.config.peer_python is not None
-                self.log(f"{name}: llm-compressor")
-                result = run_peer(job, out, log, weight_names, self.config.peer_python)
-            else:
-                result = ToolResult(
-                    tool="llm-compressor",
-                    status="not_offered",
-                    note=f"peer venv missing ({self.config.peer_python}); run make bench-peers",
-                )
-            result.details["loadavg_before"] = load
-            if "argv" in result.details:
-                command = {"run": name, "tool": result.tool, "argv": result.details["argv"]}
-                self.data["commands"].append(command)
-            if result.status == "ok" and evaluate:
-                result.ppl = perplexity_of_folder(out, self.eval_ids).ppl
-                result.details["compatibility"] = self._runtimes(out)
-            if result.status == "ok" and not self.config.keep_outputs:
-                shutil.rmtree(out, ignore_errors=True)
-            self.log(
-                f"{name}: {result.tool} {result.status} prune_s={result.prune_s} "
-                f"rss={result.peak_rss_mb} sparsity={result.sparsity} ppl={result.ppl} {result.note[:200]}"
+        out, log = self.work / "out" / f"{name}-{tool}", self.work / "logs" / f"{name}-{tool}.log"
+        load = [round(x, 2) for x in os.getloadavg()]
+        if tool == "shears":
+            self.log(f"{name}: Shears")
+            result = run_shears(job, out, log, weight_names)
+        elif self.config.peer_available:
+            assert self.config.peer_python is not None
+            self.log(f"{name}: llm-compressor")
+            result = run_peer(job, out, log, weight_names, self.config.peer_python)
+        else:
+            result = ToolResult(
+                tool="llm-compressor",
+                status="not_offered",
+                note=f"peer venv missing ({self.config.peer_python}); run make bench-peers",
             )
-            results.append(result)
-        return results
+        result.details["loadavg_before"] = load
+        if "argv" in result.details:
+            self.data["commands"].append({"run": name, "tool": result.tool, "argv": result.details["argv"]})
+        if result.status == "ok" and evaluate:
+            result.ppl = {
+                domain: perplexity_of_folder(out, windows.evaluation).ppl
+                for domain, windows in self.windows.items()
+            }
+            result.details["compatibility"] = self._runtimes(out)
+        if result.status == "ok" and not self.config.keep_outputs:
+            shutil.rmtree(out, ignore_errors=True)
+        self.log(
+            f"{name}: {result.tool} {result.status} prune_s={result.prune_s} "
+            f"rss={result.peak_rss_mb} sparsity={result.sparsity} ppl={result.ppl} {result.note[:200]}"
+        )
+        return result
 
     def _runtimes(self, out: Path) -> dict[str, Any]:
         """vLLM's verdict on an output folder, checked after the tool's measured run (its own children)."""
@@ -283,44 +310,50 @@ class Bench:
             samples=samples,
             seqlen=self.config.seqlen,
             batch_size=self.config.batch_size,
+            compute_dtype=self.config.compute_dtype,
         )
 
     def run_rows(self) -> None:
-        for method in self.config.methods:
-            for pattern in self.config.patterns:
-                job = self._job(method, pattern, self.dense, self.calib_path, self.config.samples)
-                shears, peer = self._both(
-                    job, f"{method}-{pattern.replace(':', 'of')}", self.weight_names, True
-                )
-                if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
-                    self.data["tools"]["llm-compressor"] = {
-                        k: peer.details[k] for k in ("version", "transformers", "torch") if k in peer.details
-                    }
-                row = report.make_row(method, pattern, shears, peer)
-                if method == "sparsegpt":  # the paper's algorithm too: Shears' default re-fits weights
-                    plain_job = dataclasses.replace(job, shears_flags=PLAIN_SPARSEGPT_FLAGS)
-                    name = f"{method}-{pattern.replace(':', 'of')}-plain"
-                    (plain,) = self._runs(plain_job, name, self.weight_names, True, ("shears",))
-                    report.add_plain(row, plain)
-                self.data["rows"].append(row)
-                self.write()
+        config = self.config
+        for domain in config.domains:
+            for method in config.methods:
+                for pattern in config.patterns:
+                    job = self._job(method, pattern, self.dense, self.calib_paths[domain], config.samples)
+                    name = _slug(domain, method, pattern)
+                    shears = self._run("shears", job, name, self.weight_names, True)
+                    peer = self._run("peer", job, name, self.weight_names, True)
+                    if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
+                        self.data["tools"]["llm-compressor"] = {
+                            k: peer.details[k]
+                            for k in ("version", "transformers", "torch")
+                            if k in peer.details
+                        }
+                    row = report.make_row(domain, method, pattern, shears, peer)
+                    for variant, flags in (VARIANTS.get(method, {}) if config.variants else {}).items():
+                        variant_job = dataclasses.replace(job, shears_flags=flags)
+                        result = self._run(
+                            "shears", variant_job, _slug(name, variant), self.weight_names, True
+                        )
+                        report.add_variant(row, variant, result)
+                    self.data["rows"].append(row)
+                    self.write()
 
     def run_scaling(self) -> None:
         from bench.peers.synthetic import synthetic_llama
 
         config = self.config
-        if not config.scaling_widths:
+        if not config.scaling_widths or not config.scaling_runs:
             return
+        first = self.windows[config.domains[0]]
         calib = _save_ids(
-            self.work / f"calib-{config.scaling_samples}x{config.seqlen}.safetensors",
-            self.calibration_ids[: config.scaling_samples],
+            self.work / f"calib-{config.domains[0]}-{config.scaling_samples}x{config.seqlen}.safetensors",
+            first.calibration[: config.scaling_samples],
         )
         self.data["scaling"] = {
             "description": f"random-weight Llama, {config.scaling_layers} layers, intermediate = "
-            f"{config.scaling_ffn_ratio} x hidden, {config.scaling_method} {config.scaling_pattern}, "
-            f"{config.scaling_samples} x {config.seqlen} calibration tokens",
-            "method": config.scaling_method,
-            "pattern": config.scaling_pattern,
+            f"{config.scaling_ffn_ratio} x hidden, {', '.join(config.scaling_runs)}, "
+            f"{config.scaling_samples} x {config.seqlen} calibration tokens ({config.domains[0]})",
+            "runs": list(config.scaling_runs),
             "samples": config.scaling_samples,
             "seqlen": config.seqlen,
             "layers": config.scaling_layers,
@@ -337,27 +370,32 @@ class Bench:
                 tokenizer_from=self.dense,
             )
             names = pruned_weight_names(folder)
-            job = self._job(
-                config.scaling_method, config.scaling_pattern, folder, calib, config.scaling_samples
-            )
-            shears, peer = self._both(job, f"scaling-h{hidden}", names, False)
-            point = {
-                "hidden": hidden,
-                "intermediate": intermediate,
-                "layers": config.scaling_layers,
-                "parameters": parameter_count(folder),
-                "shears": shears.to_dict(),
-                "peer": peer.to_dict(),
-                "time_ratio": report.ratio(shears.prune_s, peer.prune_s),
-                "rss_ratio": report.ratio(shears.peak_rss_mb, peer.peak_rss_mb),
-                "wall_ratio": report.ratio(shears.wall_s, peer.wall_s),
-            }
-            self.data["scaling"]["points"].append(point)
-            self.write()
+            for spec in config.scaling_runs:
+                method, pattern = spec.split(":", 1)
+                job = self._job(method, pattern, folder, calib, config.scaling_samples)
+                name = _slug("scaling", f"h{hidden}", method, pattern)
+                shears = self._run("shears", job, name, names, False)
+                peer = self._run("peer", job, name, names, False)
+                self.data["scaling"]["points"].append(
+                    {
+                        "hidden": hidden,
+                        "intermediate": intermediate,
+                        "layers": config.scaling_layers,
+                        "parameters": parameter_count(folder),
+                        "method": method,
+                        "pattern": pattern,
+                        "shears": shears.to_dict(),
+                        "peer": peer.to_dict(),
+                        "time_ratio": report.ratio(shears.prune_s, peer.prune_s),
+                        "rss_ratio": report.ratio(shears.peak_rss_mb, peer.peak_rss_mb),
+                        "wall_ratio": report.ratio(shears.wall_s, peer.wall_s),
+                    }
+                )
+                self.write()
 
     # -- output ------------------------------------------------------------------------------------
     def write(self) -> None:
-        self.data["summary"] = report.summary(self.data["rows"])
+        self.data["summary"] = report.summary(self.data["rows"], self.data.get("scaling"))
         report.write_json(self.json_path, self.data)
         self.json_path.with_suffix(".md").write_text(report.markdown(self.data))
         if self.data["rows"]:
@@ -368,23 +406,8 @@ class Bench:
 
     def print_ratios(self) -> None:
         print(f"\nShears / llm-compressor ({self.json_path}):")
-        print(f"{'method':<10} {'pattern':<13} {'ppl':>8} {'prune time':>11} {'peak RSS':>9} {'wall':>7}")
-        for row in self.data["rows"]:
-            cells = [
-                ("-" if row[k] is None else f"{row[k]:.3f}")
-                for k in ("ppl_ratio", "time_ratio", "rss_ratio", "wall_ratio")
-            ]
-            print(
-                f"{row['method']:<10} {row['pattern']:<13} "
-                + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, (8, 11, 9, 7), strict=True))
-            )
-        scaling = self.data.get("scaling")
-        for point in (scaling or {}).get("points", []):
-            cells = [("-" if point[k] is None else f"{point[k]:.3f}") for k in ("time_ratio", "rss_ratio")]
-            print(
-                f"scaling hidden {point['hidden']:<5} ({point['parameters'] / 1e6:.0f}M params): prune time "
-                f"{cells[0]}, peak RSS {cells[1]}"
-            )
+        for line in report.ratio_lines(self.data):
+            print(line)
         summary = self.data["summary"]
         print("targets met: " + ", ".join(f"{k} {v['met']}/{v['of']}" for k, v in summary.items()))
 
@@ -411,10 +434,15 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         "--methods", nargs="+", default=defaults.methods, choices=["sparsegpt", "wanda", "magnitude"]
     )
     parser.add_argument("--patterns", nargs="+", default=defaults.patterns)
+    parser.add_argument("--domains", nargs="+", default=defaults.domains, choices=["shakespeare", "gsm8k"])
     parser.add_argument("--samples", type=int, default=defaults.samples)
     parser.add_argument("--seqlen", type=int, default=defaults.seqlen)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
+    parser.add_argument(
+        "--compute-dtype", default=defaults.compute_dtype, choices=["auto", "float32", "bfloat16"]
+    )
+    parser.add_argument("--no-variants", action="store_true", help="skip Shears' paper variants")
     parser.add_argument("--peer-python", type=Path, default=defaults.peer_python)
     parser.add_argument("--vllm-python", type=Path, default=defaults.vllm_python)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
@@ -426,6 +454,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
     parser.add_argument("--scaling-widths", type=int, nargs="*", default=defaults.scaling_widths)
     parser.add_argument("--scaling-layers", type=int, default=defaults.scaling_layers)
     parser.add_argument("--scaling-samples", type=int, default=defaults.scaling_samples)
+    parser.add_argument("--scaling-runs", nargs="*", default=defaults.scaling_runs, help="method:pattern")
     parser.add_argument("--no-rows", action="store_true", help="only the width sweep")
     parser.add_argument("--no-scaling", action="store_true", help="skip the width sweep")
     args = parser.parse_args(argv)
@@ -433,10 +462,13 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         model=args.model,
         methods=args.methods,
         patterns=args.patterns,
+        domains=args.domains,
         samples=args.samples,
         seqlen=args.seqlen,
         batch_size=args.batch_size,
         eval_tokens=args.eval_tokens,
+        compute_dtype=args.compute_dtype,
+        variants=not args.no_variants,
         peer_python=args.peer_python,
         vllm_python=args.vllm_python,
         work_dir=args.work_dir,
@@ -446,6 +478,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         scaling_widths=args.scaling_widths,
         scaling_layers=args.scaling_layers,
         scaling_samples=args.scaling_samples,
+        scaling_runs=args.scaling_runs,
     )
     return config, not args.no_rows, not args.no_scaling
 

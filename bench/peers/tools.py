@@ -37,7 +37,7 @@ class ToolResult:
     wall_s: float | None = None
     peak_rss_mb: float | None = None
     sparsity: float | None = None
-    ppl: float | None = None
+    ppl: dict[str, float] = field(default_factory=dict)  # evaluation domain -> perplexity
     out: str | None = None
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +59,7 @@ class Job:
     seqlen: int
     batch_size: int = 8
     shears_flags: tuple[str, ...] = ()  # extra `shears prune` flags (a Shears-only variant)
+    compute_dtype: str = "auto"  # Shears' block forwards (the peer always runs fp32)
 
 
 def child_env() -> dict[str, str]:
@@ -96,6 +97,8 @@ def shears_argv(job: Job, out: Path) -> list[str]:
         "--no-eval",
         "--device",
         "cpu",
+        "--compute-dtype",
+        job.compute_dtype,
         "--quiet",
         *job.shears_flags,
         "--out",

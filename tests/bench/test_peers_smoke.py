@@ -18,7 +18,7 @@ import pytest
 
 from bench.peers import report
 from bench.peers.measure import folder_sparsity, pruned_weight_names, run_child
-from bench.peers.run import DEFAULT_PEER_PYTHON, BenchConfig, run_benchmark
+from bench.peers.run import DEFAULT_PEER_PYTHON, VARIANTS, BenchConfig, run_benchmark
 from bench.peers.tools import ToolResult
 from shears.pattern import Pattern
 from shears.pruning.checkpoint import Checkpoint
@@ -47,6 +47,7 @@ def bench_data(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         scaling_widths=[64],
         scaling_layers=1,
         scaling_samples=2,
+        scaling_runs=["sparsegpt:unstructured"],
     )
     return run_benchmark(config), root
 
@@ -69,77 +70,110 @@ def test_run_child_measures_the_tool_not_the_harness(tmp_path: Path) -> None:
 
 def test_shears_side_and_shared_evaluation(bench_data: tuple[dict, Path]) -> None:
     data, _ = bench_data
-    assert data["evaluation"]["function"] == "shears.pruning.evaluate.perplexity_of_folder"
-    windows = data["evaluation"]["windows"]
-    assert 1 <= windows <= 256 // 32 and data["evaluation"]["tokens"] == windows * 31
-    assert math.isfinite(data["dense"]["ppl"]) and data["dense"]["ppl"] > 1
-    assert data["calibration"]["samples"] == 4 and data["calibration"]["seqlen"] == 32
-    [row] = data["rows"]
-    ours = row["shears"]
-    assert (row["method"], row["pattern"], ours["status"]) == ("sparsegpt", "2:4", "ok"), ours["note"]
-    assert ours["sparsity"] == 0.5
-    assert ours["prune_s"] > 0 and ours["wall_s"] > ours["prune_s"]
-    assert 100 < ours["peak_rss_mb"] < 4096
-    assert math.isfinite(ours["ppl"]) and ours["ppl"] > 1 and ours["ppl"] != data["dense"]["ppl"]
-    # The folder on disk holds what the row says: 2:4 in every decoder-block Linear, lm_head dense.
-    out = Path(ours["out"])
-    names = pruned_weight_names(out)
-    assert names and not any("lm_head" in n or "embed" in n for n in names)
-    assert folder_sparsity(out, names) == ours["sparsity"]
-    weights = Checkpoint(out).load(names)
-    assert all(satisfies_pattern(w, Pattern.parse("2:4")) for w in weights.values())
-    # SparseGPT rows also carry the paper's algorithm (no re-fit of the kept weights), run the same way.
-    plain = row["shears_plain"]
-    assert plain["status"] == "ok" and plain["sparsity"] == 0.5 and math.isfinite(plain["ppl"])
-    assert plain["details"]["argv"][-4:-2] == ["--refine-iterations", "0"]
-    assert "--refine-iterations" not in ours["details"]["argv"]
-    assert ours["details"]["compatibility"] == {"vllm": {"checked": False, "note": "no vLLM venv at None"}}
+    assert data["domains"] == ["shakespeare", "gsm8k"]
+    for domain in data["domains"]:
+        evaluation, calibration = data["evaluation"][domain], data["calibration"][domain]
+        assert evaluation["function"] == "shears.pruning.evaluate.perplexity_of_folder"
+        assert 1 <= evaluation["windows"] <= 256 // 32 and evaluation["tokens"] == evaluation["windows"] * 31
+        assert math.isfinite(data["dense"][domain]["ppl"]) and data["dense"][domain]["ppl"] > 1
+        assert calibration["samples"] == 4 and calibration["seqlen"] == 32
+        assert domain in calibration["source"].lower() or "held" in evaluation["source"]
+    # Different text, different ids: the two calibrations really are two domains.
+    assert data["calibration"]["shakespeare"]["sha256"] != data["calibration"]["gsm8k"]["sha256"]
+    assert data["dense"]["shakespeare"]["ppl"] != data["dense"]["gsm8k"]["ppl"]
+    assert [row["calibration"] for row in data["rows"]] == ["shakespeare", "gsm8k"]
+    for row in data["rows"]:
+        ours = row["shears"]
+        assert (row["method"], row["pattern"], ours["status"]) == ("sparsegpt", "2:4", "ok"), ours["note"]
+        assert ours["sparsity"] == 0.5
+        assert ours["prune_s"] > 0 and ours["wall_s"] > ours["prune_s"]
+        assert 100 < ours["peak_rss_mb"] < 4096
+        assert set(ours["ppl"]) == {"shakespeare", "gsm8k"}
+        for domain, ppl in ours["ppl"].items():
+            assert math.isfinite(ppl) and ppl > 1 and ppl != data["dense"][domain]["ppl"]
+        # The folder on disk holds what the row says: 2:4 in every decoder-block Linear, lm_head dense.
+        out = Path(ours["out"])
+        names = pruned_weight_names(out)
+        assert names and not any("lm_head" in n or "embed" in n for n in names)
+        assert folder_sparsity(out, names) == ours["sparsity"]
+        weights = Checkpoint(out).load(names)
+        assert all(satisfies_pattern(w, Pattern.parse("2:4")) for w in weights.values())
+        # SparseGPT rows also carry the paper's algorithm, run the same way with its flags.
+        paper = row["variants"]["paper"]["result"]
+        assert paper["status"] == "ok" and paper["sparsity"] == 0.5
+        assert set(paper["ppl"]) == {"shakespeare", "gsm8k"}
+        flags = list(VARIANTS["sparsegpt"]["paper"])
+        assert paper["details"]["argv"][-2 - len(flags) : -2] == flags
+        assert flags[0] not in ours["details"]["argv"]
+        assert ours["details"]["compatibility"] == {"vllm": {"checked": False, "note": "no vLLM venv at None"}}
+    # Same job, other calibration: the pruned weights differ.
+    first, second = (Checkpoint(Path(row["shears"]["out"])) for row in data["rows"])
+    name = pruned_weight_names(Path(data["rows"][0]["shears"]["out"]))[0]
+    assert not first.load([name])[name].equal(second.load([name])[name])
 
 
 def test_peer_side_or_its_absence(bench_data: tuple[dict, Path]) -> None:
     data, _ = bench_data
-    [row] = data["rows"]
-    peer = row["peer"]
-    if PEER is None:
-        assert peer["status"] == "not_offered" and "peer venv missing" in peer["note"]
-        assert row["ppl_ratio"] is None and row["time_ratio"] is None and row["rss_ratio"] is None
-        assert row["targets"] == {"ppl": None, "time": None, "rss": None}
-        return
-    assert peer["status"] == "ok", peer["note"]
-    assert peer["sparsity"] == 0.5
-    assert row["ppl_ratio"] == round(row["shears"]["ppl"] / peer["ppl"], 4)
-    assert row["time_ratio"] == round(row["shears"]["prune_s"] / peer["prune_s"], 4)
-    assert data["tools"]["llm-compressor"]["version"].startswith("0.14")
+    for row in data["rows"]:
+        peer = row["peer"]
+        if PEER is None:
+            assert peer["status"] == "not_offered" and "peer venv missing" in peer["note"]
+            assert row["ppl_ratio"] == {"shakespeare": None, "gsm8k": None}
+            assert (
+                row["other_domain_ratio"] is None and row["time_ratio"] is None and row["rss_ratio"] is None
+            )
+            assert row["targets"] == {"ppl": None, "time": None, "rss": None}
+            continue
+        assert peer["status"] == "ok", peer["note"]
+        assert peer["sparsity"] == 0.5
+        other = "gsm8k" if row["calibration"] == "shakespeare" else "shakespeare"
+        assert row["other_domain_ratio"] == round(row["shears"]["ppl"][other] / peer["ppl"][other], 4)
+        assert row["time_ratio"] == round(row["shears"]["prune_s"] / peer["prune_s"], 4)
+    if PEER is not None:
+        assert data["tools"]["llm-compressor"]["version"].startswith("0.14")
 
 
 def test_rows_ratios_and_targets_from_real_numbers(bench_data: tuple[dict, Path]) -> None:
     data, _ = bench_data
     ours = ToolResult(**data["rows"][0]["shears"])
-    # A peer that took twice as long, used 1.5x the memory and reached 1% higher perplexity.
+    # A peer that took twice as long, used 1.5x the memory, reached 1% higher perplexity on
+    # Shakespeare (the calibration domain here) and 10% higher on GSM8K.
     slower = replace(
         ours,
         tool="llm-compressor",
         prune_s=ours.prune_s * 2,
         peak_rss_mb=ours.peak_rss_mb * 1.5,
-        ppl=ours.ppl * 1.01,
+        ppl={"shakespeare": ours.ppl["shakespeare"] * 1.01, "gsm8k": ours.ppl["gsm8k"] * 1.1},
         wall_s=ours.wall_s * 3,
     )
-    row = report.make_row("sparsegpt", "2:4", ours, slower)
+    row = report.make_row("shakespeare", "sparsegpt", "2:4", ours, slower)
     assert row["time_ratio"] == 0.5 and row["wall_ratio"] == round(1 / 3, 4)
-    assert row["rss_ratio"] == round(1 / 1.5, 4) and row["ppl_ratio"] == round(1 / 1.01, 4)
-    assert row["targets"] == {"ppl": True, "time": True, "rss": False}
+    assert row["rss_ratio"] == round(1 / 1.5, 4)
+    assert row["same_domain_ratio"] == round(1 / 1.01, 4) and row["other_domain_ratio"] == round(1 / 1.1, 4)
+    # 2:4 SparseGPT must reach 0.85x on the other domain: 0.909x misses it.
+    assert row["targets"] == {"ppl": False, "time": True, "rss": False}
+    wanda = report.make_row("shakespeare", "wanda", "2:4", ours, slower)
+    assert wanda["targets"]["ppl"] is True  # 0.909 <= 0.97
     # Magnitude has no time target; a peer that does not offer the pattern has no ratios.
     absent = ToolResult(tool="llm-compressor", status="not_offered", note="no N:M magnitude")
-    magnitude = report.make_row("magnitude", "2:4", ours, absent)
+    magnitude = report.make_row("gsm8k", "magnitude", "2:4", ours, absent)
     assert magnitude["targets"] == {"ppl": None, "time": None, "rss": None}
-    assert report.summary([row, magnitude]) == {
-        "ppl": {"met": 1, "of": 1, "all_met": True},
-        "time": {"met": 1, "of": 1, "all_met": True},
-        "rss": {"met": 0, "of": 1, "all_met": False},
+    assert report.summary([row, wanda, magnitude]) == {
+        "ppl": {"met": 1, "of": 2, "all_met": False},
+        "time": {"met": 2, "of": 2, "all_met": True},
+        "rss": {"met": 0, "of": 2, "all_met": False},
     }
-    text = report.markdown({**data, "rows": [row, magnitude], "summary": report.summary([row, magnitude])})
-    assert f"| sparsegpt | 2:4 | {ours.ppl:.3f} | {ours.ppl * 1.01:.3f} | {1 / 1.01:.4f} |" in text
-    assert "| magnitude | 2:4 |" in text and "| n/a |" in text
+    rows = [row, magnitude]
+    text = report.markdown({**data, "rows": rows, "summary": report.summary(rows)})
+    expected = (
+        f"| shakespeare | sparsegpt | 2:4 | default | {ours.ppl['shakespeare']:.3f} | "
+        f"{ours.ppl['shakespeare'] * 1.01:.3f} | {1 / 1.01:.4f} | {ours.ppl['gsm8k']:.3f} | "
+        f"{ours.ppl['gsm8k'] * 1.1:.3f} | {1 / 1.1:.4f} | {1 / 1.1:.4f} | <= 0.85 missed |"
+    )
+    assert expected in text
+    assert "| gsm8k | magnitude | 2:4 |" in text and "| n/a |" in text
+    for domain in ("shakespeare", "gsm8k"):  # every number's sources are named
+        assert data["calibration"][domain]["source"] in text and data["evaluation"][domain]["source"] in text
 
 
 def test_result_files(bench_data: tuple[dict, Path]) -> None:
@@ -147,12 +181,15 @@ def test_result_files(bench_data: tuple[dict, Path]) -> None:
     results = root / "results"
     on_disk = json.loads((results / "peers-smoke.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(data["rows"]))
-    for key in ("machine", "tools", "measures", "calibration", "evaluation", "dense", "summary"):
+    for key in ("machine", "tools", "measures", "calibration", "evaluation", "dense", "summary", "domains"):
         assert key in on_disk
     assert "prune" in on_disk["rows"][0]["shears"]["details"]["argv"]
     markdown = (results / "peers-smoke.md").read_text()
-    assert "| sparsegpt | 2:4 |" in markdown and "Time and memory vs width" in markdown
+    assert (
+        "| shakespeare | sparsegpt | 2:4 | default |" in markdown and "Time and memory vs width" in markdown
+    )
     for png in ("peers-smoke.png", "peers-smoke-scaling.png"):
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     [point] = on_disk["scaling"]["points"]
     assert point["hidden"] == 64 and point["shears"]["status"] == "ok" and point["shears"]["sparsity"] > 0.49
+    assert (point["method"], point["pattern"]) == ("sparsegpt", "unstructured")
