@@ -6,7 +6,7 @@ STAMP := $(VENV)/.shears-setup
 # Source-checkout imports win over the installed (editable) copy: a git worktree sharing .venv tests itself.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test lint bench bench-peers gpu-check vllm-venv vllm-check clean screenshots
+.PHONY: setup demo test lint bench bench-peers bench-memory gpu-check vllm-venv vllm-check clean screenshots
 
 setup: $(STAMP)
 
@@ -70,3 +70,10 @@ GPU_CHECK_ARGS ?=
 
 gpu-check:
 	$(GPU_PY) bench/gpu_check.py $(if $(filter-out 0,$(DRY)),--dry-run) $(GPU_CHECK_ARGS)
+
+# Memory (issue 13): every method prunes a 742 M-parameter random Llama inside a cgroup v1 memory group
+# of half its size (needs root). Results: bench/results/memory-<date>.{json,md}.
+BENCH_MEMORY_ARGS ?=
+
+bench-memory: setup
+	$(BIN)/python -m bench.memory_cgroup $(BENCH_MEMORY_ARGS)
