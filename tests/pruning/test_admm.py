@@ -1,0 +1,125 @@
+"""The ADMM solver on random problems: exact patterns, lower error than SparseGPT, a converging fit."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from shears.pattern import Pattern
+from shears.pruning.masks import satisfies_pattern
+from shears.pruning.solvers import layer_error, sparsegpt_prune
+from shears.pruning.solvers.admm import admm_prune, prepare_admm, project, sparsity_ramp
+from tests.pruning.test_solvers import activations, bits, expected_zeros, stats
+
+ROWS, COLS = 48, 128
+CASES = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5), ("1:4", 0.75)]
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[torch.Tensor, torch.Tensor]:
+    hessian, _ = stats(activations(4 * COLS, COLS, seed=11))
+    weight = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(12)) * 0.02
+    return weight, hessian
+
+
+@pytest.mark.parametrize(("pattern", "sparsity"), CASES)
+def test_exact_sparsity_and_pattern(problem, pattern: str, sparsity: float) -> None:
+    weight, hessian = problem
+    before = (weight.clone(), hessian.clone())
+    parsed = Pattern.parse(pattern)
+    out = admm_prune(weight, hessian, sparsity, parsed, iterations=8)
+    assert out.shape == weight.shape and out.dtype == weight.dtype and out.is_contiguous()
+    assert int((out == 0).sum()) == expected_zeros(weight.shape, parsed, sparsity)
+    assert satisfies_pattern(out, parsed)
+    assert not bool(torch.signbit(out[out == 0]).any())
+    assert torch.equal(bits(before[0]), bits(weight)) and torch.equal(bits(before[1]), bits(hessian))
+    again = admm_prune(weight, hessian, sparsity, parsed, iterations=8)
+    assert torch.equal(bits(out), bits(again))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_layer_error_below_sparsegpt_on_the_same_hessian(problem, pattern: str) -> None:
+    weight, hessian = problem
+    parsed = Pattern.parse(pattern)
+    paper = layer_error(weight, sparsegpt_prune(weight, hessian, 0.5, parsed), hessian)
+    refit = layer_error(weight, sparsegpt_prune(weight, hessian, 0.5, parsed, refine_iterations=10), hessian)
+    admm = layer_error(weight, admm_prune(weight, hessian, 0.5, parsed), hessian)
+    assert admm < 0.8 * paper, (admm, paper)
+    assert admm < refit, (admm, refit)
+
+
+def test_objective_never_rises_during_the_fit(problem) -> None:
+    weight, hessian = problem
+    for pattern in ("unstructured", "2:4"):
+        trace: list[float] = []
+        admm_prune(
+            weight, hessian, 0.5, Pattern.parse(pattern), iterations=10, refine_iterations=15, trace=trace
+        )
+        assert len(trace) == 16
+        assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(trace)), trace
+        assert trace[-1] < trace[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_weights_are_exact_zeros_in_each_dtype(problem, dtype: torch.dtype) -> None:
+    weight, hessian = problem
+    low = weight.to(dtype)
+    for pattern in ("unstructured", "2:4"):
+        parsed = Pattern.parse(pattern)
+        out = admm_prune(low, hessian, 0.5, parsed, iterations=6)
+        assert out.dtype == dtype
+        assert int((out == 0).sum()) == expected_zeros(weight.shape, parsed, 0.5)
+        zero_bits = bits(out)[out == 0]
+        assert bool((zero_bits == 0).all())  # +0.0, not -0.0 nor a denormal that rounds to zero later
+
+
+def test_shared_factorisation_gives_the_same_result(problem) -> None:
+    weight, hessian = problem
+    prepared = prepare_admm(hessian, 0.01, 1.0)
+    shared = admm_prune(weight, hessian, 0.5, Pattern(), prepared=prepared, iterations=6)
+    alone = admm_prune(weight, hessian, 0.5, Pattern(), iterations=6)
+    assert torch.equal(bits(shared), bits(alone))
+    expected = torch.linalg.inv(
+        (hessian + prepared.damping * torch.eye(COLS)) / (prepared.scale[:, None] * prepared.scale[None, :])
+        + 1.0 * torch.eye(COLS)
+    )
+    torch.testing.assert_close(prepared.inverse, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_low_precision_iterations_stay_exact_and_close(problem) -> None:
+    weight, hessian = problem
+    low = prepare_admm(hessian, 0.01, 1.0, matmul_dtype=torch.bfloat16)
+    out = admm_prune(weight, hessian, 0.5, Pattern.parse("2:4"), prepared=low, iterations=10)
+    full = admm_prune(weight, hessian, 0.5, Pattern.parse("2:4"), iterations=10)
+    assert satisfies_pattern(out, Pattern.parse("2:4")) and int((out == 0).sum()) == ROWS * COLS // 2
+    assert layer_error(weight, out, hessian) < 1.05 * layer_error(weight, full, hessian)
+
+
+def test_ramp_and_projection() -> None:
+    assert sparsity_ramp(0, 10, 0.5) == 0.0
+    assert sparsity_ramp(10, 10, 0.5) == sparsity_ramp(30, 10, 0.5) == 0.5
+    assert sparsity_ramp(5, 10, 0.5) == pytest.approx(0.5 * (1 - 0.5**3))
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    nm = Pattern.parse("2:4")
+    full = project(scores, nm, 48)
+    assert satisfies_pattern(torch.where(full, 0.0, 1.0), nm) and int(full.sum()) == 48
+    part = project(scores, nm, 20)
+    assert int(part.sum()) == 20 and bool((part <= full).all())  # a subset of the N:M candidates
+    flat = project(scores, Pattern(), 30)
+    assert int(flat.sum()) == 30 and scores[flat].max() <= scores[~flat].min()
+
+
+def test_argument_errors(problem) -> None:
+    weight, hessian = problem
+    with pytest.raises(ValueError, match="hessian"):
+        admm_prune(weight, hessian[:10, :10], 0.5, Pattern())
+    with pytest.raises(ValueError, match="iterations"):
+        admm_prune(weight, hessian, 0.5, Pattern(), iterations=0)
+    with pytest.raises(ValueError, match="rho"):
+        prepare_admm(hessian, 0.01, 0.0)
+    broken = hessian.clone()
+    broken[3, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        admm_prune(weight, broken, 0.5, Pattern())
