@@ -39,7 +39,7 @@ DEFAULT_RUNS = [
     "wanda:2:4",
     "wanda:unstructured",
     "magnitude:unstructured",
-    "sparsegpt:2:4:--refine-iterations=0",
+    "sparsegpt:2:4:--variant=paper",
 ]
 
 

@@ -3,11 +3,17 @@
 Layers that read the same input tensor (q/k/v, gate/up) are found on the first batch and share one
 accumulator, so a Hessian is computed once per input, not once per layer. MoE experts are solved
 one expert at a time from the tokens their router sends them (pruning/experts.py).
+
+Error correction (request.error_correction) fits each linear layer to the dense model's outputs for
+the same tokens (solvers/correction.py). MoE experts are not corrected: the dense and the pruned
+model route tokens differently, so an expert's inputs in the two models do not pair up token for
+token; experts keep the plain per-expert fit on their routed tokens (`corrected` in the manifest).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +27,8 @@ from shears.pruning.methods import METHODS
 from shears.pruning.prunable import ExpertsModule, Prunable
 from shears.pruning.resources import release_freed_memory
 from shears.pruning.solvers import layer_error
-from shears.pruning.stats import ACCUMULATORS, Accumulator
+from shears.pruning.solvers.correction import corrected_target, correction_factor
+from shears.pruning.stats import ACCUMULATORS, Accumulator, CorrectionAccumulator
 from shears.pruning.streaming import Batch, run_block
 
 
@@ -38,15 +45,23 @@ class LayerResult:
     transposed: bool = False  # stored [in, out] (Conv1D, some experts)
     tokens: int | None = None  # calibration tokens routed to the expert
     fallback: bool = False  # the expert saw too few tokens: pruned with all of the layer's tokens
+    corrected: bool = False  # fitted to the dense model's outputs (error correction)
 
 
 class InputStats:
     """Forward hooks accumulating per-input statistics for a set of linear layers."""
 
-    def __init__(self, layers: dict[str, Prunable], kind: str, device: torch.device) -> None:
+    def __init__(
+        self, layers: dict[str, Prunable], kind: str, device: torch.device, correcting: bool = False
+    ) -> None:
         self.layers = layers
         self.kind = kind  # a key of ACCUMULATORS: the statistic a method needs
         self.device = device
+        # Error correction: each batch's dense-model inputs of the same layers (set before the
+        # pruned stream's pass) pair up with the pruned-model inputs the hooks see.
+        self.correcting = correcting
+        self.dense: dict[str, torch.Tensor] = {}
+        self.batch_tokens = 0  # tokens of the current batch: a layer seeing fewer is routed
         self.groups: list[list[str]] | None = None  # layers sharing one input, in execution order
         self.accumulators: dict[str, Accumulator] = {}  # keyed by each group's first layer
         self._seen: dict[str, torch.Tensor] = {}
@@ -63,14 +78,29 @@ class InputStats:
         self._handles.clear()
 
     def _new(self, columns: int) -> Accumulator:
+        if self.correcting:
+            return CorrectionAccumulator(columns, self.device)
         return ACCUMULATORS[self.kind](columns, self.device)
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        accumulator = self.accumulators[name]
+        if not isinstance(accumulator, CorrectionAccumulator):
+            accumulator.add(x)
+            return
+        dense = self.dense.get(name)
+        # Inputs pair up token for token only where both models ran the layer on every token of the
+        # batch; a routed layer (an expert kept as a module list) sees different tokens in each.
+        if dense is not None and dense.shape == x.shape and x.shape[:-1].numel() == self.batch_tokens:
+            accumulator.add_pair(x, dense)
+        else:
+            accumulator.add_unpaired(x)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self.groups is None:
                 self._seen[name] = args[0]
             elif name in self.accumulators:
-                self.accumulators[name].add(args[0])
+                self._add(name, args[0])
 
         return hook
 
@@ -85,15 +115,49 @@ class InputStats:
         for group in self.groups:
             leader = group[0]
             self.accumulators[leader] = self._new(self.layers[leader].in_features)
-            self.accumulators[leader].add(self._seen[leader])
+            self._add(leader, self._seen[leader])
         self._seen.clear()
+
+    def _leader(self, name: str) -> str | None:
+        assert self.groups is not None
+        return next((group[0] for group in self.groups if name in group), None)
 
     def of(self, name: str) -> Accumulator | None:
         """The layer's statistic; None for a layer the forward never ran (e.g. the cross-attention
         of a decoder used without an encoder): it does not touch the outputs and stays dense."""
-        assert self.groups is not None
-        leader = next((group[0] for group in self.groups if name in group), None)
-        return self.accumulators[leader] if leader is not None else None
+        leader = self._leader(name)
+        return self.accumulators.get(leader) if leader is not None else None
+
+    def release(self, name: str) -> None:
+        """Drop the statistic of `name`'s group once its layers are solved (a K x K Hessian each)."""
+        leader = self._leader(name)
+        if leader is not None:
+            self.accumulators.pop(leader, None)
+
+
+class DenseInputs:
+    """Forward hooks keeping, for one batch, the input each of a set of linear layers receives."""
+
+    def __init__(self, layers: dict[str, Prunable]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> DenseInputs:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self.inputs[name] = args[0]
+
+        return hook
 
 
 def _block_tensor(layer: Prunable) -> torch.Tensor:
@@ -107,24 +171,42 @@ def _solve_layers(
     targets: dict[str, float],
     masters: dict[str, torch.Tensor],
     request: PruneRequest,
+    release: Callable[[str], None] | None = None,
     **record: object,
 ) -> list[LayerResult]:
     """Solve each matrix on its master weight (storage precision, `masters` by parameter), writing
     the result into it; the block's own parameter (compute precision) gets the pruned values too,
-    for the forward passes after."""
+    for the forward passes after.
+
+    With error correction (a CorrectionAccumulator whose inputs paired up) each matrix is solved for
+    its corrected target (solvers.correction) instead of its own dense weight. Once every layer
+    sharing an input is solved, its factorisation is dropped and `release(name)` frees its statistic:
+    only the current input group's are alive.
+    """
     method, options = METHODS[request.method], request.method_options
+    needed = method.statistic_of(options)
     results = []
+    # Layers left per shared statistic (by identity; no reference kept, so a released one is freed).
+    unsolved = Counter(
+        id(acc) for acc in map(statistic_of, (layer.name for layer in layers)) if acc is not None
+    )
     prepared: dict[int, object] = {}  # what the solver derives once per shared input
+    corrected: dict[str, torch.Tensor] = {}
     for layer in layers:
         start = time.perf_counter()
-        view = layer.matrix(masters[layer.param])
-        weight = view.contiguous()
         acc = statistic_of(layer.name)
-        if acc is None and method.statistic != "none":
+        if acc is None and needed != "none":
             continue  # never ran on the calibration tokens: left dense
+        view = layer.matrix(masters[layer.param])
         statistic = acc.value if acc is not None else None
         if statistic is not None and id(acc) not in prepared:
-            prepared[id(acc)] = method.prepare(statistic, options, weight.device)
+            if isinstance(acc, CorrectionAccumulator) and acc.paired:
+                assert request.error_correction is not None
+                group = [other for other in layers if statistic_of(other.name) is acc]
+                corrected.update(_corrected_targets(group, acc, masters, request.error_correction.damp))
+            prepared[id(acc)] = method.prepare(statistic, options, view.device)
+        is_corrected = layer.name in corrected
+        weight = corrected.pop(layer.name) if is_corrected else view.contiguous()
         pruned = method.solve(
             weight,
             targets[layer.name],
@@ -132,9 +214,10 @@ def _solve_layers(
             statistic=statistic,
             options=options,
             prepared=prepared.get(id(acc)),
-        )
-        hessian = statistic if method.statistic == "hessian" else None
+        ).to(view.dtype)
+        hessian = statistic if needed == "hessian" else None
         error = layer_error(weight, pruned, hessian) if hessian is not None else None
+        del weight, statistic, hessian
         view.copy_(pruned)
         layer.matrix(_block_tensor(layer).data).copy_(pruned)
         results.append(
@@ -148,10 +231,35 @@ def _solve_layers(
                 layer.param,
                 layer.expert,
                 layer.transposed,
+                corrected=is_corrected,
                 **record,
             )
         )
+        if acc is not None:
+            unsolved[id(acc)] -= 1
+            if not unsolved[id(acc)]:  # the group is done: free its factorisation and statistic
+                prepared.pop(id(acc), None)
+                del acc
+                if release is not None:  # a linear group's (an expert's statistics are its caller's)
+                    release(layer.name)
+                    release_freed_memory()
     return results
+
+
+def _corrected_targets(
+    group: list[Prunable], acc: CorrectionAccumulator, masters: dict[str, torch.Tensor], damp: float
+) -> dict[str, torch.Tensor]:
+    """Each layer's corrected target ([out, in], fp32); then the cross moment and the factor are freed."""
+    hessian = acc.hessian
+    damping = damp * float(hessian.diagonal().mean()) or damp
+    factor = correction_factor(hessian, damping)
+    out = {
+        layer.name: corrected_target(layer.matrix(masters[layer.param]), acc.cross, factor, damping)
+        for layer in group
+    }
+    del factor
+    acc.release_cross()
+    return out
 
 
 @torch.inference_mode()
@@ -164,21 +272,35 @@ def collect(
     device: torch.device,
     outputs: list[torch.Tensor] | None = None,
     experts: list[ExpertsModule] | None = None,
+    dense_batches: list[Batch] | None = None,
 ) -> tuple[InputStats, ExpertCapture]:
     """One forward pass over the calibration batches with statistics hooks on `layers` (linear
     layers) and capture hooks on `experts` modules.
 
     `outputs`, if given, are buffers shaped like the leading batches' hidden states that receive
     the block's outputs (a batch's own `hidden` may be its buffer: its input is read before).
+    `dense_batches` (error correction): the dense model's stream for the same tokens; each batch
+    first runs through the (still dense) block there, with only DenseInputs' hooks on, its layers'
+    inputs pair up with the pruned stream's, and the dense stream advances to the block's output.
     """
-    stats = InputStats(layers, kind, device)
+    stats = InputStats(layers, kind, device, correcting=dense_batches is not None)
     capture = ExpertCapture(experts or [], batches[0].hidden.device if batches else device)
-    with stats, capture:
-        for position, batch in enumerate(batches):
+    for position, batch in enumerate(batches):
+        dense_out = None
+        if dense_batches is not None:
+            with DenseInputs(layers) as dense:
+                dense_out = run_block(block, index, dense_batches[position], device)
+            stats.dense = dense.inputs
+        stats.batch_tokens = batch.hidden.shape[:-1].numel()
+        with stats, capture:
             out = run_block(block, index, batch, device)
             stats.after_batch()
-            if outputs is not None and position < len(outputs):
-                outputs[position].copy_(out)
+        if dense_batches is not None:
+            stats.dense = {}
+            dense_batches[position].hidden.copy_(dense_out)
+            del dense_out
+        if outputs is not None and position < len(outputs):
+            outputs[position].copy_(out)
     return stats, capture
 
 
@@ -252,9 +374,13 @@ def prune_block(
     device: torch.device,
     dense_outputs: list[torch.Tensor],
     experts: list[ExpertsModule] | None = None,
+    dense_batches: list[Batch] | None = None,
 ) -> tuple[list[LayerResult], bool]:
     """Prune `layers` (a subset of the block's prunable matrices); return results and whether
     `dense_outputs` (buffers for the leading batches) now hold the block's dense outputs.
+
+    `dense_batches`: the dense model's stream for error correction (see `collect`); it leaves
+    holding this block's dense outputs. The linear layers are corrected, the experts are not.
 
     `masters` holds each layer's parameter in storage precision (the block may compute in bf16);
     the solvers work on those and leave the pruned weights in them.
@@ -262,29 +388,33 @@ def prune_block(
     The dense outputs come from the first statistics pass, before any weight changed, so the
     caller can measure the pruned block's output error against them.
     """
-    kind = METHODS[request.method].statistic
+    kind = METHODS[request.method].statistic_of(request.method_options)
     linears = {name: layer for name, layer in layers.items() if layer.expert is None}
     moe = [g for g in experts or [] if any(layer.module is g.module for layer in layers.values())]
     if kind == "none" or not batches:
         return _solve_layers(list(layers.values()), lambda _: None, targets, masters, request), False
-    stats, capture = collect(block, index, linears, kind, batches, device, dense_outputs, moe)
+    if dense_batches is not None and (kind != "hessian" or request.true_sequential):
+        raise ValueError("error correction needs a Hessian method and no true_sequential")
+    stats, capture = collect(block, index, linears, kind, batches, device, dense_outputs, moe, dense_batches)
     release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones
     if not request.true_sequential:
-        results = _solve_layers(list(linears.values()), stats.of, targets, masters, request)
+        results = _solve_layers(list(linears.values()), stats.of, targets, masters, request, stats.release)
     else:
         # True sequential: each later group of layers sharing an input gets statistics gathered
         # after the groups before it were pruned, so its solve sees the inputs the pruned block will
         # produce; the experts get theirs after every linear layer was pruned.
         groups = stats.groups or []
         results = (
-            _solve_layers([linears[n] for n in groups[0]], stats.of, targets, masters, request)
+            _solve_layers([linears[n] for n in groups[0]], stats.of, targets, masters, request, stats.release)
             if groups
             else []
         )
         for group in groups[1:]:
             subset = {name: linears[name] for name in group}
             stats, _ = collect(block, index, subset, kind, batches, device)
-            results += _solve_layers(list(subset.values()), stats.of, targets, masters, request)
+            results += _solve_layers(
+                list(subset.values()), stats.of, targets, masters, request, stats.release
+            )
         if moe:
             del capture
             _, capture = collect(block, index, {}, kind, batches, device, experts=moe)

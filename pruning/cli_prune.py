@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from shears.progress import Event
 from shears.pruning.methods import NO_METHOD
@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.add_argument("--ignore", action="append", help="regex of layer names to leave dense (repeatable)")
     prune.add_argument("--override", action="append", default=[], metavar="REGEX=SPARSITY")
     prune.add_argument("--owl", action="store_true", help="outlier-weighted layer-wise sparsity")
+    prune.add_argument(
+        "--error-correction",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit each layer to the dense model's outputs (block-level error correction)",
+    )
+    prune.add_argument("--correction-damp", type=float, help="ridge of the error correction (default 0.01)")
     prune.add_argument("--true-sequential", action="store_true")
     _add_method_options(prune)
     prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -109,6 +116,14 @@ def _method_option_fields() -> dict[str, tuple[Any, list[str]]]:
     return fields
 
 
+def _field_info(method: str, field: str) -> Any:
+    from shears.pruning.methods import METHODS
+
+    options = METHODS[method].options
+    assert options is not None
+    return options.model_fields[field]
+
+
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     """One flag per option of the methods (`--refine-iterations`); it sets the chosen method's
     options block, so a flag several methods share means the same to each."""
@@ -119,13 +134,19 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
             if kind is bool
             else {"type": kind, "metavar": field.upper()}
         )
+        if get_origin(kind) is Literal:  # a choice of names (--variant paper): any method's choices
+            choices = {c: None for m in methods for c in get_args(_field_info(m, field).annotation)}
+            kind, extra = str, {"choices": list(choices)}
         if kind not in (bool, int, float, str):
             raise TypeError(f"option {field} of {methods}: give the command line a type for {kind}")
         parser.add_argument(
             "--" + field.replace("_", "-"),
             dest=f"option_{field}",
             default=None,
-            help=f"{', '.join(methods)}: {info.description or field} (default {info.default})",
+            help=f"{', '.join(methods)}: {info.description or field} (default {info.default})".replace(
+                "%",
+                "%%",  # argparse formats help strings with %
+            ),
             **extra,
         )
 
@@ -215,6 +236,10 @@ def _request_from_args(args: argparse.Namespace) -> Any:
         fields["structure"] = parse_structure(args.structure)
     if args.owl:
         fields["owl"] = {}
+    if args.error_correction is not None or args.correction_damp is not None:
+        on = args.error_correction is not False
+        damp = {} if args.correction_damp is None else {"damp": args.correction_damp}
+        fields["error_correction"] = damp if on else None
     if args.ignore is not None:
         fields["ignore"] = args.ignore
     return PruneRequest(**fields)

@@ -58,6 +58,18 @@ def _no_schema_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+class CorrectionSpec(Strict):
+    """Block-level error correction: each layer is fitted to the dense model's outputs for the same
+    tokens (its inputs taken from the pruned model), so errors stop compounding through depth.
+    Applies to methods that collect the Hessian, and not with true_sequential."""
+
+    damp: Annotated[float, Field(gt=0, lt=10)] = Field(
+        0.01,
+        description="ridge towards the uncorrected target, relative to mean(diag H): how far the "
+        "correction may move each layer on the calibration tokens' evidence",
+    )
+
+
 class _Request(Strict):
     """A pruning job: what to prune, how, and what to write."""
 
@@ -90,6 +102,9 @@ class _Request(Strict):
     )
     owl: OwlSpec | None = None
     true_sequential: bool = False
+    error_correction: CorrectionSpec | None = Field(
+        None, description="block-level error correction (null: each layer fitted to its own inputs)"
+    )
     dtype: DType = Field("auto", description="dtype of the output weights; 'auto' keeps the model's")
     compute_dtype: DType = Field(
         "auto", description="dtype of block forwards; 'auto' is bf16 on GPUs and on CPUs with AMX/AVX512-BF16"

@@ -36,6 +36,11 @@ from shears.pruning.streaming import Batch, advance, capture_inputs, head_logits
 ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
 CPU_FORWARD_TOKENS = 1024  # measured on SmolLM2 blocks: as fast as 4096, a quarter of the peak heap
 
+# Error correction applies to layers that see every token in both models; experts do not (routing differs).
+EXPERTS_UNCORRECTED = (
+    "not corrected: MoE experts are fitted to their own dense weights on their routed tokens, since "
+    "the dense and the pruned model route tokens differently (layers' 'corrected' says which were)"
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -209,6 +214,7 @@ class _Job:
             compatibility=compatibility,
             clock=self.clock.summary(),
             attempts=self.checkpoints.attempts if self.checkpoints is not None else None,
+            solver=self._solver(),
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
@@ -281,7 +287,7 @@ class _Job:
         calib: list[Batch] = []
         # A structure always needs the calibration inputs (its statistics, the block output error).
         method = METHODS.get(request.method)
-        reads_inputs = method is not None and method.statistic != "none"
+        reads_inputs = method is not None and method.statistic_of(request.method_options) != "none"
         if reads_inputs or request.owl is not None or request.structure is not None:
             batch_size = request.calibration.batch_size
             if store.type == "cpu":
@@ -332,11 +338,20 @@ class _Job:
         sampled = _leading_batches(calib, ERROR_SAMPLE_TOKENS)
         dense_out = [torch.empty_like(batch.hidden) for batch in calib[:sampled]]  # reused by every block
         sampled_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:sampled])
+        # The dense model's own stream for the same tokens: all of it for error correction (its
+        # targets), else the sampled batches only, to measure how far the pruned model drifted.
+        correcting = self._correcting()
+        dense_stream = [batch.clone() for batch in (calib if correcting else calib[:sampled])]
+        # After a resume (progress.start > 0) the dense stream starts from the restored pruned stream:
+        # model_error then measures the drift since the resume, and the correction fits to that.
         for index in range(progress.start, total):
             block = skeleton.materialize_block(index)
             with torch.inference_mode():
                 for batch in dense_eval:
                     advance(block, index, batch, device)
+                if not correcting:  # while the block is still dense
+                    for batch in dense_stream:
+                        advance(block, index, batch, device)
                 prunables = skeleton.prunables(index)
                 layers = {n: p for n, p in prunables.items() if targets[n] is not None}
                 chosen = {n: t for n, t in targets.items() if n in layers and t is not None}
@@ -351,14 +366,20 @@ class _Job:
                     self.request,
                     device,
                     dense_out,
-                    find_experts(block, f"{skeleton.blocks_prefix}.{index}."),
+                    experts=find_experts(block, f"{skeleton.blocks_prefix}.{index}."),
+                    dense_batches=dense_stream if correcting else None,
                 )
-                squared_error = squared_norm = 0.0
+                squared_error = squared_norm = drift_error = drift_norm = 0.0
                 for position, batch in enumerate(calib):
                     out = run_block(block, index, batch, device)
-                    if measured and position < sampled:
+                    if position < sampled:
                         # Out of place: .float() of an fp32 tensor is the tensor itself, and `out`
                         # becomes the next block's input.
+                        model = dense_stream[position].hidden.float()
+                        drift_error += float((out.float() - model).square().sum())
+                        drift_norm += float(model.square().sum())
+                        del model
+                    if measured and position < sampled:
                         dense = dense_out[position].float()
                         squared_error += float((out.float() - dense).square().sum())
                         squared_norm += float(dense.square().sum())
@@ -376,6 +397,7 @@ class _Job:
                 {
                     "index": index,
                     "output_error": output_error,
+                    "model_error": drift_error / drift_norm if drift_norm else None,
                     "output_error_tokens": sampled_tokens if output_error is not None else 0,
                     "seconds": round(sum(r.seconds for r in results), 4),
                 }
@@ -393,6 +415,29 @@ class _Job:
                 )
             )
         return all_layers, blocks
+
+    def _solver(self) -> dict[str, Any]:
+        """The method, its exact variant and parameters, and the error correction if it applied."""
+        request = self.request
+        method = METHODS.get(request.method)  # None for method 'none' (a structure only)
+        if method is None:
+            described: dict[str, Any] = {"method": request.method}
+        else:
+            described = method.describe(request.method_options)
+        correction = request.error_correction
+        described["error_correction"] = (
+            {**correction.model_dump(), "experts": EXPERTS_UNCORRECTED}
+            if self._correcting() and correction
+            else None
+        )
+        return described
+
+    def _correcting(self) -> bool:
+        """Whether error correction applies: asked for, a Hessian method, not true sequential."""
+        request = self.request
+        method = METHODS.get(request.method)
+        statistic = method.statistic_of(request.method_options) if method is not None else "none"
+        return request.error_correction is not None and statistic == "hessian" and not request.true_sequential
 
     def _masters(self, skeleton: Skeleton, layers: dict[str, Prunable]) -> dict[str, torch.Tensor]:
         """The parameters holding the layers, as stored (the solve's input; a fused experts parameter

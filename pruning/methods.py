@@ -35,6 +35,12 @@ Statistic = Literal["none", "norms", "hessian"]
 
 
 class SparseGPTOptions(Strict):
+    variant: Literal["admm", "refit", "paper"] = Field(
+        "refit",
+        description="'paper': SparseGPT as published; 'refit': SparseGPT, then the kept weights re-fitted "
+        "to the final mask (conjugate gradients); 'admm': mask and weights found together by ADMM "
+        "(solvers.admm), then the same re-fit",
+    )
     block_size: Annotated[int, Field(ge=1, le=4096)] = Field(
         128, description="columns pruned between two lazy updates of the later columns"
     )
@@ -44,8 +50,61 @@ class SparseGPTOptions(Strict):
     refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
         10,
         description="conjugate-gradient iterations re-fitting the kept weights to the final mask "
-        "(least squares under the damped Hessian); 0 gives the paper's SparseGPT",
+        "(least squares under the damped Hessian; variants refit and admm); 0 gives the paper's SparseGPT",
     )
+    refit_damp: Annotated[float, Field(gt=0, lt=10)] = Field(
+        0.01,
+        description="dampening of the re-fit and of ADMM, relative to mean(diag H): a pull towards the "
+        "dense weights that keeps the fit from overfitting the calibration text",
+    )
+    admm_iterations: Annotated[int, Field(ge=1, le=1000)] = Field(
+        20, description="ADMM iterations (variant admm), the first 60% tightening the mask"
+    )
+    admm_rho: Annotated[float, Field(gt=0, le=100)] = Field(
+        1.0, description="ADMM penalty, relative to the normalised Hessian's unit diagonal (variant admm)"
+    )
+
+    def describe(self) -> dict[str, Any]:
+        """The exact variant and the parameters it uses (for the manifest)."""
+        if self.variant == "paper" or (self.refine_iterations == 0 and self.variant == "refit"):
+            return {"variant": "paper", "block_size": self.block_size, "damp": self.damp}
+        fit = {"refine_iterations": self.refine_iterations, "refit_damp": self.refit_damp}
+        if self.variant == "refit":
+            return {"variant": "refit", "block_size": self.block_size, "damp": self.damp, **fit}
+        return {"variant": "admm", "admm_iterations": self.admm_iterations, "admm_rho": self.admm_rho, **fit}
+
+
+class WandaOptions(Strict):
+    variant: Literal["refit", "paper"] = Field(
+        "paper",
+        description="'paper': Wanda as published (|W| x input norm, the kept weights untouched); 'refit': "
+        "Wanda's mask, then the kept weights re-fitted by conjugate gradients (needs the Hessian)",
+    )
+    refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
+        10,
+        description="conjugate-gradient iterations of the re-fit (variant refit); 0 gives the paper's Wanda",
+    )
+    refit_damp: Annotated[float, Field(gt=0, lt=10)] = Field(
+        0.01, description="dampening of the re-fit relative to mean(diag H): a pull towards the dense weights"
+    )
+
+    @property
+    def refits(self) -> bool:
+        return self.variant == "refit" and self.refine_iterations > 0
+
+    @property
+    def statistic(self) -> Statistic:
+        """Wanda's mask needs only input norms; its re-fit needs the Hessian (whose diagonal has them)."""
+        return "hessian" if self.refits else "norms"
+
+    def describe(self) -> dict[str, Any]:
+        if not self.refits:
+            return {"variant": "paper"}
+        return {
+            "variant": "refit",
+            "refine_iterations": self.refine_iterations,
+            "refit_damp": self.refit_damp,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,6 +120,15 @@ class Method:
 
     def default_options(self) -> Strict | None:
         return self.options() if self.options is not None else None
+
+    def statistic_of(self, options: Any) -> Statistic:
+        """The statistic these options need (a variant may need more than the method's default)."""
+        return getattr(options, "statistic", None) or self.statistic
+
+    def describe(self, options: Any) -> dict[str, Any]:
+        """The method, its exact variant and parameters: what the manifest records."""
+        described = options.describe() if hasattr(options, "describe") else {"variant": "paper"}
+        return {"method": self.name, "statistic": self.statistic_of(options), **described}
 
     def prepare(self, statistic: torch.Tensor, options: Any, device: torch.device) -> Any:
         """What the solver derives once per shared input (None if it derives nothing)."""
@@ -78,10 +146,11 @@ class Method:
         prepared: Any = None,
     ) -> torch.Tensor:
         """A new [out, in] tensor in `weight`'s dtype: `weight` pruned by this method."""
-        if self.statistic != "none" and statistic is None:
-            raise ValueError(f"{self.name} needs the layer's input statistic {self.statistic!r}")
         if options is None:
             options = self.default_options()
+        needed = self.statistic_of(options)
+        if needed != "none" and statistic is None:
+            raise ValueError(f"{self.name} needs the layer's input statistic {needed!r}")
         return self.module().solve(weight, sparsity, pattern, statistic, options, prepared)
 
 
@@ -94,13 +163,15 @@ METHODS: dict[str, Method] = {
             solver="sparsegpt",
             options=SparseGPTOptions,
             summary="SparseGPT (Frantar & Alistarh 2023): column-wise pruning with Hessian error "
-            "updates, then a least-squares re-fit of the kept weights",
+            "updates, then a least-squares re-fit of the kept weights; or ADMM (ALPS family)",
         ),
         Method(
             "wanda",
             statistic="norms",
             solver="wanda",
-            summary="Wanda (Sun et al. 2024): |W| x input norm, compared within each output row",
+            options=WandaOptions,
+            summary="Wanda (Sun et al. 2024): |W| x input norm, compared within each output row; "
+            "optionally the kept weights re-fitted",
         ),
         Method(
             "magnitude",

@@ -154,13 +154,16 @@ def write_manifest(
     packed_files: list[str],
     benchmark: dict[str, Any] | None,
     clock: dict[str, Any],
+    solver: dict[str, Any],
     compatibility: dict[str, Any] | None = None,
     attempts: list[dict[str, Any]] | None = None,
     structure: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`solver`: the exact algorithm that ran (method, variant, parameters, error correction)."""
     manifest: dict[str, Any] = {
         "format": "shears-manifest/1",
         "request": request.model_dump(mode="json"),
+        "solver": solver,
         "model": {
             "spec": model.spec,
             "source": model.kind,

@@ -111,6 +111,51 @@ class InputNormAccumulator:
         return self._tokens
 
 
+class CorrectionAccumulator(HessianAccumulator):
+    """The Hessian of the pruned model's inputs and their cross moment with the dense model's.
+
+    Block-level error correction fits W x~ (x~: this layer's input in the pruned model) to W0 x (x:
+    the same token's input in the dense model), so later layers repair what earlier ones lost. Its
+    statistics: H~ = (2/N) sum x~ x~^T (the Hessian, `value`) and C = (2/N) sum x~ x^T, running means
+    in fp32 like the Hessian's.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str) -> None:
+        super().__init__(columns, device)
+        self._cross = torch.zeros(columns, columns, dtype=torch.float32, device=self.device)
+        self.paired = True  # every batch's inputs paired up: the correction applies
+
+    def add_pair(self, pruned: Tensor, dense: Tensor) -> None:
+        """One batch: `pruned` and `dense` [..., K] are the same tokens' inputs in the two models."""
+        x = _tokens(pruned, None, self.columns, self.device).to(torch.float32)
+        y = _tokens(dense, None, self.columns, self.device).to(torch.float32)
+        if x.shape != y.shape:
+            raise ValueError(f"pruned inputs {tuple(x.shape)} and dense inputs {tuple(y.shape)} differ")
+        if x.shape[0] == 0:
+            return
+        total = self._tokens + x.shape[0]
+        with ieee_fp32_matmul():
+            self._cross.addmm_(x.T, y, beta=self._tokens / total, alpha=2.0 / total)
+        self.add(x)  # H~, and the token count
+
+    def add_unpaired(self, pruned: Tensor) -> None:
+        """A batch whose dense inputs do not pair up with `pruned` (a routed layer): the layer falls
+        back to the plain fit on its own inputs, its Hessian the one it would have had anyway."""
+        if self.paired:
+            self.paired = False
+            self.release_cross()
+        self.add(pruned)
+
+    @property
+    def cross(self) -> Tensor:
+        """The accumulated [K, K] C = (2/N) sum x~ x^T (rows: pruned-model features)."""
+        return self._cross
+
+    def release_cross(self) -> None:
+        """Free C once every layer of the group has its corrected target."""
+        self._cross = torch.empty(0, device=self.device)
+
+
 Accumulator = HessianAccumulator | InputNormAccumulator
 
 # The accumulator of each statistic a method may name (pruning.methods.Statistic, "none" aside).

@@ -50,7 +50,8 @@ Domain = Literal["shakespeare", "gsm8k"]
 
 # Shears-only variants run next to each default: the papers' algorithms, one option away.
 VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sparsegpt": {"paper": ("--refine-iterations", "0")},
+    "sparsegpt": {"paper": ("--variant", "paper")},
+    "wanda": {"paper": ("--variant", "paper")},
 }
 
 

@@ -4,8 +4,13 @@ SparseGPT fixes its mask column by column and pushes each error only onto the co
 so the weights it returns are not the least-squares optimum for the mask it ends with. Each row is
 an independent quadratic over its kept inputs with the shared matrix H; a few iterations of
 Jacobi-preconditioned conjugate gradients per row, started from SparseGPT's weights, close most of
-the gap (SmolLM2 layers: 20-37% lower ||WX - W'X||^2 after 10 iterations). All rows advance together:
-one [rows, K] x [K, K] matmul per iteration.
+the gap (SmolLM2 layers: 20-37% lower ||WX - W'X||^2 after 10 iterations). The rows advance in chunks
+of CHUNK_ROWS, one [chunk, K] x [K, K] matmul per iteration each: as fast as all rows at once, and
+the CG buffers (it runs at a block's memory peak) stay a few MiB.
+
+Measured on held-out text of another domain than the calibration (SmolLM2, Shakespeare <-> GSM8K),
+most of what the re-fit gains under SparseGPT's damping is fitting the calibration text; a larger
+damping (a stronger pull to the dense weights) keeps more of the gain on other text.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from torch import Tensor
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 256
 
 
 @torch.no_grad()
@@ -41,36 +48,55 @@ def reconstruct_masked(
     """
     if iterations <= 0:
         return pruned
+    device = hessian.device
     with ieee_fp32_matmul():
-        # Four [out, in] fp32 buffers (weight, residual, direction, curvature) and one transient:
-        # at a 2048 x 5632 down_proj each is 44 MiB, and the re-fit runs at a block's memory peak.
-        weight = pruned.detach().to(device=hessian.device, dtype=torch.float32).clone()
-        drop = weight == 0 if keep is None else ~keep.to(hessian.device)
+        weight = pruned.detach().to(device=device, dtype=torch.float32).clone()
+        drop = weight == 0 if keep is None else ~keep.to(device)
+        dense = dense.detach().to(device=device, dtype=torch.float32)
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
-
-        def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
-            return torch.addmm(x, x, hessian, beta=damping).masked_fill_(drop, 0.0)
-
-        def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
-            return (x.square() @ precondition)[:, None]
-
-        residual = apply(dense.detach().to(device=hessian.device, dtype=torch.float32) - weight)
-        direction = residual * precondition
-        rz = preconditioned_dot(residual)
-        for _ in range(iterations):
-            curvature = apply(direction)
-            step = rz / (direction * curvature).sum(dim=1, keepdim=True).clamp_min(1e-30)
-            weight.addcmul_(step, direction)
-            residual.addcmul_(step, curvature, value=-1)
-            del curvature
-            rz_next = preconditioned_dot(residual)
-            direction.mul_(rz_next / rz.clamp_min(1e-30)).addcmul_(residual, precondition)
-            rz = rz_next
-            if trace is not None:
-                delta = weight - dense.detach().to(device=hessian.device, dtype=torch.float32)
-                trace.append(float((torch.addmm(delta, delta, hessian, beta=damping) * delta).sum()))
+        rows = weight.shape[0] if trace is not None else CHUNK_ROWS  # the trace sums every row
+        for start in range(0, weight.shape[0], rows):
+            chunk = slice(start, start + rows)
+            _conjugate_gradients(
+                weight[chunk], dense[chunk], drop[chunk], hessian, damping, precondition, iterations, trace
+            )
         weight.masked_fill_(drop, 0.0)
     if not bool(torch.isfinite(weight).all()):
         log.warning("mask reconstruction diverged (non-finite weights); keeping the solver's weights")
         return pruned
     return weight.to(device=pruned.device, dtype=pruned.dtype).add_(0.0)  # -0.0 -> +0.0
+
+
+def _conjugate_gradients(
+    weight: Tensor,
+    dense: Tensor,
+    drop: Tensor,
+    hessian: Tensor,
+    damping: float,
+    precondition: Tensor,
+    iterations: int,
+    trace: list[float] | None,
+) -> None:
+    """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place)."""
+
+    def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
+        return torch.addmm(x, x, hessian, beta=damping).masked_fill_(drop, 0.0)
+
+    def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
+        return (x.square() @ precondition)[:, None]
+
+    residual = apply(dense - weight)  # minus the gradient, zero off the mask
+    direction = residual * precondition
+    rz = preconditioned_dot(residual)
+    for _ in range(iterations):
+        curvature = apply(direction)
+        step = rz / torch.linalg.vecdot(direction, curvature)[:, None].clamp_min(1e-30)
+        weight.addcmul_(step, direction)
+        residual.addcmul_(step, curvature, value=-1)
+        del curvature
+        rz_next = preconditioned_dot(residual)
+        direction.mul_(rz_next / rz.clamp_min(1e-30)).addcmul_(residual, precondition)
+        rz = rz_next
+        if trace is not None:
+            delta = weight - dense
+            trace.append(float((torch.addmm(delta, delta, hessian, beta=damping) * delta).sum()))

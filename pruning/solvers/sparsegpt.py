@@ -16,6 +16,7 @@ from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from shears.pruning.solvers.admm import PreparedADMM, admm_prune, prepare_admm
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
 
@@ -108,6 +109,9 @@ class PreparedHessian:
     damping: float  # the absolute value added to H's diagonal (after any retries)
 
 
+Prepared = PreparedHessian | PreparedADMM
+
+
 @torch.no_grad()
 def prepare_hessian(hessian: Tensor, damp: float, device: torch.device | None = None) -> PreparedHessian:
     with ieee_fp32_matmul():
@@ -129,11 +133,13 @@ def sparsegpt_prune(
     damp: float = 0.01,
     prepared: PreparedHessian | None = None,
     refine_iterations: int = 0,
+    refit_damp: float | None = None,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
 
     With `refine_iterations` > 0 the kept weights are then re-fitted to the final mask
-    (solvers.reconstruct); 0 is the algorithm of the paper.
+    (solvers.reconstruct) under damping `refit_damp` (relative, like `damp`; default: `damp`);
+    0 is the algorithm of the paper.
 
     Unstructured: round(sparsity * numel) zeros in all (the count of each block of columns is set
     so that the block totals add up to it exactly), chosen per block from the updated weights.
@@ -171,7 +177,9 @@ def sparsegpt_prune(
         del work
     if refine_iterations:
         hess = hessian.detach().to(device=device, dtype=torch.float32)
-        result = reconstruct_masked(weight, result, hess, prepared.damping, refine_iterations)
+        # The same relative scaling as SparseGPT's damping (including any retry's increase).
+        damping = prepared.damping if refit_damp is None else prepared.damping * refit_damp / damp
+        result = reconstruct_masked(weight, result, hess, damping, refine_iterations)
     return result.contiguous()
 
 
@@ -208,8 +216,10 @@ def _prune_block(
         work[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
 
 
-def prepare(statistic: Tensor, options: SparseGPTOptions, device: torch.device) -> PreparedHessian:
-    """METHODS["sparsegpt"]: one factorisation per input that several layers share."""
+def prepare(statistic: Tensor, options: SparseGPTOptions, device: torch.device) -> Prepared:
+    """Once per shared input: SparseGPT's inverse factor, or ADMM's shifted inverse."""
+    if options.variant == "admm":
+        return prepare_admm(statistic, options.refit_damp, options.admm_rho, device)
     return prepare_hessian(statistic, options.damp, device)
 
 
@@ -219,9 +229,23 @@ def solve(
     pattern: Pattern,
     statistic: Tensor,
     options: SparseGPTOptions,
-    prepared: PreparedHessian | None,
+    prepared: Prepared | None,
 ) -> Tensor:
-    """METHODS["sparsegpt"]: the statistic is the layer's Hessian."""
+    """METHODS["sparsegpt"]: the statistic is the layer's Hessian; options.variant picks the solver."""
+    if options.variant == "admm":
+        assert prepared is None or isinstance(prepared, PreparedADMM)
+        return admm_prune(
+            weight,
+            statistic,
+            sparsity,
+            pattern,
+            iterations=options.admm_iterations,
+            rho=options.admm_rho,
+            damp=options.refit_damp,
+            refine_iterations=options.refine_iterations,
+            prepared=prepared,
+        )
+    assert prepared is None or isinstance(prepared, PreparedHessian)
     return sparsegpt_prune(
         weight,
         statistic,
@@ -230,7 +254,8 @@ def solve(
         block_size=options.block_size,
         damp=options.damp,
         prepared=prepared,
-        refine_iterations=options.refine_iterations,
+        refine_iterations=0 if options.variant == "paper" else options.refine_iterations,
+        refit_damp=options.refit_damp,
     )
 
 

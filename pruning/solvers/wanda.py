@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.masks import apply_mask, check_solver_args, prune_mask
+from shears.pruning.solvers.reconstruct import reconstruct_masked
+
+if TYPE_CHECKING:  # the options model needs pydantic; the solver runs without it (the GPU check)
+    from shears.pruning.methods import WandaOptions
 
 
 @torch.no_grad()
@@ -33,7 +39,25 @@ def wanda_prune(weight: Tensor, input_sq_norm: Tensor, sparsity: float, pattern:
 
 
 def solve(
-    weight: Tensor, sparsity: float, pattern: Pattern, statistic: Tensor, options: None, prepared: None
+    weight: Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    statistic: Tensor,
+    options: WandaOptions | None,
+    prepared: None,
 ) -> Tensor:
-    """METHODS["wanda"]: the statistic is the layer's squared input norms."""
-    return wanda_prune(weight, statistic, sparsity, pattern)
+    """METHODS["wanda"]: the statistic is the squared input norms, or the Hessian for the re-fit.
+
+    Re-fit: Wanda's mask (its scores from diag H, proportional to the squared norms, so the same
+    ranking within a row), then the kept weights re-fitted to the dense ones under H + damping.
+    """
+    if options is None or not options.refits:
+        norms = statistic if statistic.dim() == 1 else statistic.diagonal()
+        return wanda_prune(weight, norms, sparsity, pattern)
+    check_solver_args(weight, sparsity, pattern)
+    hessian = statistic.detach().to(device=weight.device, dtype=torch.float32)
+    pruned = prune_mask(wanda_scores(weight, hessian.diagonal()), sparsity, pattern, per_row=True)
+    damping = options.refit_damp * float(hessian.diagonal().mean()) or options.refit_damp
+    return reconstruct_masked(
+        weight, apply_mask(weight.detach(), pruned), hessian, damping, options.refine_iterations, keep=~pruned
+    )

@@ -50,7 +50,15 @@ def test_request_json_stays_compatible() -> None:
         block_size=64, damp=0.02, refine_iterations=0
     )
     assert request.pattern == Pattern(2, 4)
-    assert PruneRequest(model="m", method="wanda", sparsity=0.5).method_options is None
+    assert PruneRequest(model="m", method="magnitude", sparsity=0.5).method_options is None
+    # refine_iterations 0 still means the paper's SparseGPT, and the manifest says so.
+    assert METHODS["sparsegpt"].describe(request.method_options) == {
+        "method": "sparsegpt",
+        "statistic": "hessian",
+        "variant": "paper",
+        "block_size": 64,
+        "damp": 0.02,
+    }
     with pytest.raises(ValidationError, match="Input should be 'sparsegpt', 'wanda'"):
         PruneRequest(model="m", method="obs", sparsity=0.5)
     with pytest.raises(ValidationError, match="extra"):
@@ -68,8 +76,16 @@ def test_cli_flags_come_from_the_options_models() -> None:
         "--method", "sparsegpt", "--sparsity", "0.5", "--refine-iterations", "0", "--damp", "0.1"
     )
     assert request.sparsegpt == METHODS["sparsegpt"].options(refine_iterations=0, damp=0.1)
-    with pytest.raises(ValueError, match="--refine-iterations: not an option of method wanda"):
-        _parse("--method", "wanda", "--sparsity", "0.5", "--refine-iterations", "0")
+    with pytest.raises(ValueError, match="--admm-iterations: not an option of method wanda"):
+        _parse("--method", "wanda", "--sparsity", "0.5", "--admm-iterations", "3")
+    wanda = _parse("--method", "wanda", "--sparsity", "0.5", "--variant", "refit", "--refine-iterations", "4")
+    assert wanda.wanda == METHODS["wanda"].options(variant="refit", refine_iterations=4)
+    assert METHODS["wanda"].statistic_of(wanda.wanda) == "hessian"  # the re-fit needs the Hessian
+    assert METHODS["wanda"].statistic_of(METHODS["wanda"].options(variant="paper")) == "norms"
+    with pytest.raises(ValueError, match="variant"):
+        _parse("--method", "wanda", "--sparsity", "0.5", "--variant", "admm")
+    with pytest.raises(SystemExit):
+        _parse("--method", "sparsegpt", "--sparsity", "0.5", "--variant", "obs")
     with pytest.raises(SystemExit):
         _parse("--method", "obs", "--sparsity", "0.5")
 

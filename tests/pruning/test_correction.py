@@ -1,0 +1,76 @@
+"""Block-level error correction: the corrected target solves the asymmetric problem, and in the engine
+the pruned model stays closer to the dense one than with each layer fitted to its own inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shears.pattern import Pattern
+from shears.pruning.config import CorrectionSpec
+from shears.pruning.engine import prune
+from shears.pruning.solvers.correction import corrected_target, correction_factor
+from shears.pruning.stats import CorrectionAccumulator
+from tests.pruning.test_engine import fast_request
+from tests.pruning.test_solvers import activations
+
+
+def test_corrected_target_is_the_ridge_least_squares_solution() -> None:
+    dense_inputs = activations(400, 32, seed=1)
+    # Upstream pruning distorts the inputs (mostly a linear map of them, plus noise).
+    gen = torch.Generator().manual_seed(2)
+    distortion = torch.eye(32) + 0.3 * torch.randn(32, 32, generator=gen) / 32**0.5
+    pruned_inputs = dense_inputs @ distortion + 0.05 * torch.randn(400, 32, generator=gen)
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    acc = CorrectionAccumulator(32, "cpu")
+    for part in range(4):  # in batches, as the hooks see them
+        rows = slice(100 * part, 100 * (part + 1))
+        acc.add_pair(pruned_inputs[rows], dense_inputs[rows])
+    damping = 0.01 * float(acc.hessian.diagonal().mean())  # as the engine damps it
+    target = corrected_target(weight, acc.cross, correction_factor(acc.hessian, damping), damping)
+    # Normal equations of min sum ||W0 x - W x~||^2 + (N/2) damping ||W - W0||^2 (2/N sums).
+    x, y = pruned_inputs.double(), dense_inputs.double()
+    n = x.shape[0]
+    lhs = 2 / n * x.T @ x + damping * torch.eye(32, dtype=torch.float64)
+    rhs = weight.double() @ (2 / n * y.T @ x) + damping * weight.double()
+    expected = torch.linalg.solve(lhs, rhs.T).T
+    torch.testing.assert_close(target.double(), expected, rtol=1e-3, atol=1e-3)  # fp32, outliers
+    # It reproduces the dense outputs from the drifted inputs better than the dense weights do.
+    dense_out = y @ weight.double().T
+    assert (x @ target.double().T - dense_out).norm() < 0.7 * (x @ weight.double().T - dense_out).norm()
+    # No drift: the corrected target is the dense weight.
+    same = CorrectionAccumulator(32, "cpu")
+    same.add_pair(dense_inputs, dense_inputs)
+    unchanged = corrected_target(weight, same.cross, correction_factor(same.hessian, damping), damping)
+    torch.testing.assert_close(unchanged, weight, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_block_correction_lowers_the_pruned_models_error(
+    tiny_llama: Path, tmp_path: Path, compute_dtype: str
+) -> None:
+    common = dict(
+        pattern=Pattern.parse("2:4"),
+        compute_dtype=compute_dtype,
+        sparsegpt={"variant": "paper"},
+    )
+    plain = prune(fast_request(tiny_llama, **common), tmp_path / "plain")
+    fixed = prune(fast_request(tiny_llama, error_correction=CorrectionSpec(), **common), tmp_path / "fixed")
+    assert plain["solver"]["error_correction"] is None
+    assert fixed["solver"]["error_correction"]["damp"] == 0.01
+    assert fixed["solver"]["variant"] == "paper"
+    assert all(layer["corrected"] for layer in fixed["layers"].values())
+    assert not any(layer["corrected"] for layer in plain["layers"].values())
+    before = [block["model_error"] for block in plain["blocks"]]
+    after = [block["model_error"] for block in fixed["blocks"]]
+    assert all(e is not None and e > 0 for e in before + after)
+    # The first block sees the same inputs either way; from there on the correction pays off.
+    assert after[0] == pytest.approx(before[0], rel=0.05)
+    assert after[-1] < before[-1]
+    assert sum(after) < sum(before)
+    on_disk = json.loads((tmp_path / "fixed" / "manifest.json").read_text())
+    assert on_disk["blocks"][-1]["model_error"] == after[-1]
+    assert fixed["sparsity"]["achieved"] == pytest.approx(plain["sparsity"]["achieved"])
