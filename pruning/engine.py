@@ -26,7 +26,7 @@ from shears.pruning.models import LazyTokenizer, ResolvedModel, check_seqlen, fo
 from shears.pruning.output import copy_model_files, packable_names, verify_output, write_manifest
 from shears.pruning.plan import layer_targets, owl_block_sparsities
 from shears.pruning.prunable import Prunable, find_experts
-from shears.pruning.resources import PhaseClock, release_freed_memory, tune_malloc
+from shears.pruning.resources import PhaseClock, cpu_has_fast_bf16, release_freed_memory, tune_malloc
 from shears.pruning.resume import Checkpoints, Progress, identity
 from shears.pruning.runtimes import check_configured, verify_folders
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
@@ -42,15 +42,6 @@ EXPERTS_UNCORRECTED = (
     "the dense and the pruned model route tokens differently (layers' 'corrected' says which were)"
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (about 6x on Sapphire Rapids)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def pick_device(choice: str) -> torch.device:

@@ -57,6 +57,11 @@ class SparseGPTOptions(Strict):
         description="dampening of the re-fit and of ADMM, relative to mean(diag H): a pull towards the "
         "dense weights that keeps the fit from overfitting the calibration text",
     )
+    refit_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
+        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is 3-6x faster, else fp32",
+    )
     admm_iterations: Annotated[int, Field(ge=1, le=1000)] = Field(
         20, description="ADMM iterations (variant admm), the first 60% tightening the mask"
     )
@@ -68,7 +73,11 @@ class SparseGPTOptions(Strict):
         """The exact variant and the parameters it uses (for the manifest)."""
         if self.variant == "paper" or (self.refine_iterations == 0 and self.variant == "refit"):
             return {"variant": "paper", "block_size": self.block_size, "damp": self.damp}
-        fit = {"refine_iterations": self.refine_iterations, "refit_damp": self.refit_damp}
+        fit = {
+            "refine_iterations": self.refine_iterations,
+            "refit_damp": self.refit_damp,
+            "refit_precision": self.refit_precision,
+        }
         if self.variant == "refit":
             return {"variant": "refit", "block_size": self.block_size, "damp": self.damp, **fit}
         return {"variant": "admm", "admm_iterations": self.admm_iterations, "admm_rho": self.admm_rho, **fit}
@@ -87,6 +96,11 @@ class WandaOptions(Strict):
     refit_damp: Annotated[float, Field(gt=0, lt=10)] = Field(
         0.01, description="dampening of the re-fit relative to mean(diag H): a pull towards the dense weights"
     )
+    refit_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
+        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is 3-6x faster, else fp32",
+    )
 
     @property
     def refits(self) -> bool:
@@ -104,6 +118,7 @@ class WandaOptions(Strict):
             "variant": "refit",
             "refine_iterations": self.refine_iterations,
             "refit_damp": self.refit_damp,
+            "refit_precision": self.refit_precision,
         }
 
 

@@ -5,13 +5,32 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import resource
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from shears.progress import Event, Phase, Reporter
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (about 6x on Sapphire Rapids, 3x on Zen 4)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where its matmuls are fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _load_libc() -> ctypes.CDLL | None:

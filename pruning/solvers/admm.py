@@ -131,6 +131,7 @@ def admm_prune(
     refine_iterations: int = 10,
     prepared: PreparedADMM | None = None,
     trace: list[float] | None = None,
+    refit_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned by ADMM, kept weights re-fitted.
 
@@ -173,7 +174,14 @@ def admm_prune(
     if trace is not None:
         trace.append(damped_objective(weight, start, hess, prepared.damping))
     result = reconstruct_masked(
-        weight, start, hess, prepared.damping, refine_iterations, keep=~pruned, trace=trace
+        weight,
+        start,
+        hess,
+        prepared.damping,
+        refine_iterations,
+        keep=~pruned,
+        trace=trace,
+        matmul_dtype=refit_dtype,
     )
     if not bool(torch.isfinite(result).all()):
         raise RuntimeError("ADMM produced non-finite weights; the layer's Hessian is degenerate")

@@ -20,11 +20,19 @@ import logging
 import torch
 from torch import Tensor
 
+from shears.pruning.resources import fast_matmul_dtype
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256
+
+
+def refit_matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The re-fit's matmul dtype: 'auto' is bf16 where bf16 matmuls are fast, else fp32."""
+    if precision == "auto":
+        return fast_matmul_dtype(device)
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
 @torch.no_grad()
@@ -37,6 +45,7 @@ def reconstruct_masked(
     *,
     keep: Tensor | None = None,
     trace: list[float] | None = None,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """`pruned`'s zero pattern with its kept weights re-fitted to `dense` under H + damping * I.
 
@@ -44,6 +53,8 @@ def reconstruct_masked(
     value added to H's diagonal (SparseGPT's, so both solve the same regularised problem).
     keep: the bool mask of weights that may be non-zero (default: pruned != 0); `pruned` must be
     zero off it. trace: if given, receives the damped objective after every iteration (tests).
+    matmul_dtype: bf16 runs each step's product x H in bf16 with fp32 accumulation (3-6x faster on
+    CPUs with AVX512-BF16/AMX and on GPUs); the iterate, residual and the objective stay fp32.
     Returns a new tensor in `pruned`'s dtype; `pruned` itself if the iteration breaks down.
     """
     if iterations <= 0:
@@ -54,11 +65,20 @@ def reconstruct_masked(
         drop = weight == 0 if keep is None else ~keep.to(device)
         dense = dense.detach().to(device=device, dtype=torch.float32)
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
+        product = hessian if matmul_dtype == torch.float32 else hessian.to(matmul_dtype)
         rows = weight.shape[0] if trace is not None else CHUNK_ROWS  # the trace sums every row
         for start in range(0, weight.shape[0], rows):
             chunk = slice(start, start + rows)
             _conjugate_gradients(
-                weight[chunk], dense[chunk], drop[chunk], hessian, damping, precondition, iterations, trace
+                weight[chunk],
+                dense[chunk],
+                drop[chunk],
+                hessian,
+                product,
+                damping,
+                precondition,
+                iterations,
+                trace,
             )
         weight.masked_fill_(drop, 0.0)
     if not bool(torch.isfinite(weight).all()):
@@ -72,15 +92,19 @@ def _conjugate_gradients(
     dense: Tensor,
     drop: Tensor,
     hessian: Tensor,
+    product: Tensor,
     damping: float,
     precondition: Tensor,
     iterations: int,
     trace: list[float] | None,
 ) -> None:
-    """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place)."""
+    """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place); `product` is H in
+    the dtype of the step's matmul."""
 
     def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
-        return torch.addmm(x, x, hessian, beta=damping).masked_fill_(drop, 0.0)
+        if product.dtype == torch.float32:
+            return torch.addmm(x, x, product, beta=damping).masked_fill_(drop, 0.0)
+        return (x.to(product.dtype) @ product).float().add_(x, alpha=damping).masked_fill_(drop, 0.0)
 
     def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
         return (x.square() @ precondition)[:, None]

@@ -17,7 +17,7 @@ from torch import Tensor
 from shears.pattern import Pattern
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
 from shears.pruning.solvers.admm import PreparedADMM, admm_prune, prepare_admm
-from shears.pruning.solvers.reconstruct import reconstruct_masked
+from shears.pruning.solvers.reconstruct import reconstruct_masked, refit_matmul_dtype
 from shears.pruning.stats import ieee_fp32_matmul
 
 if TYPE_CHECKING:  # the options model needs pydantic; the solver runs without it (the GPU check)
@@ -134,6 +134,7 @@ def sparsegpt_prune(
     prepared: PreparedHessian | None = None,
     refine_iterations: int = 0,
     refit_damp: float | None = None,
+    refit_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
 
@@ -179,7 +180,9 @@ def sparsegpt_prune(
         hess = hessian.detach().to(device=device, dtype=torch.float32)
         # The same relative scaling as SparseGPT's damping (including any retry's increase).
         damping = prepared.damping if refit_damp is None else prepared.damping * refit_damp / damp
-        result = reconstruct_masked(weight, result, hess, damping, refine_iterations)
+        result = reconstruct_masked(
+            weight, result, hess, damping, refine_iterations, matmul_dtype=refit_dtype
+        )
     return result.contiguous()
 
 
@@ -244,6 +247,7 @@ def solve(
             damp=options.refit_damp,
             refine_iterations=options.refine_iterations,
             prepared=prepared,
+            refit_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
         )
     assert prepared is None or isinstance(prepared, PreparedHessian)
     return sparsegpt_prune(
@@ -256,6 +260,7 @@ def solve(
         prepared=prepared,
         refine_iterations=0 if options.variant == "paper" else options.refine_iterations,
         refit_damp=options.refit_damp,
+        refit_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
     )
 
 

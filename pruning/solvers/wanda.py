@@ -9,7 +9,7 @@ from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.masks import apply_mask, check_solver_args, prune_mask
-from shears.pruning.solvers.reconstruct import reconstruct_masked
+from shears.pruning.solvers.reconstruct import reconstruct_masked, refit_matmul_dtype
 
 if TYPE_CHECKING:  # the options model needs pydantic; the solver runs without it (the GPU check)
     from shears.pruning.methods import WandaOptions
@@ -59,5 +59,11 @@ def solve(
     pruned = prune_mask(wanda_scores(weight, hessian.diagonal()), sparsity, pattern, per_row=True)
     damping = options.refit_damp * float(hessian.diagonal().mean()) or options.refit_damp
     return reconstruct_masked(
-        weight, apply_mask(weight.detach(), pruned), hessian, damping, options.refine_iterations, keep=~pruned
+        weight,
+        apply_mask(weight.detach(), pruned),
+        hessian,
+        damping,
+        options.refine_iterations,
+        keep=~pruned,
+        matmul_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
     )

@@ -88,6 +88,21 @@ def test_cli_flags_come_from_the_options_models() -> None:
         _parse("--method", "sparsegpt", "--sparsity", "0.5", "--variant", "obs")
     with pytest.raises(SystemExit):
         _parse("--method", "obs", "--sparsity", "0.5")
+    low = _parse("--method", "sparsegpt", "--sparsity", "0.5", "--refit-precision", "bfloat16")
+    assert METHODS["sparsegpt"].describe(low.sparsegpt)["refit_precision"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        _parse("--method", "sparsegpt", "--sparsity", "0.5", "--refit-precision", "float16")
+
+
+def test_refit_precision_resolves_per_device() -> None:
+    from shears.pruning.resources import fast_matmul_dtype
+    from shears.pruning.solvers.reconstruct import refit_matmul_dtype
+
+    cpu = torch.device("cpu")
+    assert refit_matmul_dtype("float32", cpu) == torch.float32
+    assert refit_matmul_dtype("bfloat16", cpu) == torch.bfloat16
+    assert refit_matmul_dtype("auto", cpu) == fast_matmul_dtype(cpu)
+    assert refit_matmul_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 def test_solve_through_the_entry_needs_its_statistic() -> None:

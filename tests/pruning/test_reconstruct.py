@@ -77,3 +77,16 @@ def test_half_precision_weights_come_back_in_their_dtype() -> None:
     pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern.parse("2:4"), refine_iterations=5)
     assert pruned.dtype == torch.bfloat16
     assert satisfies_pattern(pruned, Pattern.parse("2:4"))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_bf16_steps_keep_the_mask_and_land_near_the_fp32_fit(pattern: str) -> None:
+    dense, hessian = _problem(rows=32, cols=128, seed=13)
+    damping = 0.01 * float(hessian.diagonal().mean())
+    pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern.parse(pattern))
+    full = reconstruct_masked(dense, pruned, hessian, damping, iterations=10)
+    low = reconstruct_masked(dense, pruned, hessian, damping, iterations=10, matmul_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and torch.equal(low == 0, pruned == 0)
+    before, after, exact = (layer_error(dense, w, hessian) for w in (pruned, low, full))
+    assert after < 0.9 * before  # the bf16 steps still fit
+    assert after < 1.05 * exact  # and lose little against fp32 steps
