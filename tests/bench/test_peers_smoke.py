@@ -105,7 +105,8 @@ def test_shears_side_and_shared_evaluation(bench_data: tuple[dict, Path]) -> Non
         flags = list(VARIANTS["sparsegpt"]["paper"])
         assert paper["details"]["argv"][-2 - len(flags) : -2] == flags
         assert flags[0] not in ours["details"]["argv"]
-        assert ours["details"]["compatibility"] == {"vllm": {"checked": False, "note": "no vLLM venv at None"}}
+        unchecked = {"vllm": {"checked": False, "note": "no vLLM venv at None"}}
+        assert ours["details"]["compatibility"] == unchecked
     # Same job, other calibration: the pruned weights differ.
     first, second = (Checkpoint(Path(row["shears"]["out"])) for row in data["rows"])
     name = pruned_weight_names(Path(data["rows"][0]["shears"]["out"]))[0]
