@@ -57,11 +57,26 @@ class Sizes:
 SIZES = {"gpu": Sizes(LLAMA_7B, 128, 2048, 8, blocks=3), "dry": Sizes(TINY, 4, 64, 2, blocks=2)}
 SPARSITY = 0.5
 # Today's request defaults (PruneRequest.sparsegpt; tests/bench/test_gpu_check.py keeps them in step).
-SPARSEGPT_DEFAULTS = {"block_size": 128, "damp": 0.01, "refine_iterations": 10}
-VARIANTS: dict[str, dict[str, Any]] = {
+SPARSEGPT_DEFAULTS = {
+    "variant": "refit",
+    "block_size": 128,
+    "damp": 0.01,
+    "refine_iterations": 10,
+    "refit_damp": 0.01,
+    "refit_precision": "auto",
+    "admm_iterations": 20,
+    "admm_rho": 1.0,
+}
+VARIANTS: dict[str, dict[str, Any]] = {  # name: the method and its options (sparsegpt.solve reads them)
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt", **SPARSEGPT_DEFAULTS},
-    "sparsegpt-paper": {"method": "sparsegpt", **SPARSEGPT_DEFAULTS, "refine_iterations": 0},
+    "sparsegpt-paper": {
+        "method": "sparsegpt",
+        **SPARSEGPT_DEFAULTS,
+        "variant": "paper",
+        "refine_iterations": 0,
+    },
+    "sparsegpt-admm": {"method": "sparsegpt", **SPARSEGPT_DEFAULTS, "variant": "admm"},
 }
 ERROR_SAMPLE_TOKENS = 8192  # engine.ERROR_SAMPLE_TOKENS (the engine module needs pydantic)
 
@@ -160,7 +175,7 @@ def solve_layers(
     layers: dict[str, nn.Linear], stats: Statistics, variant: dict[str, Any]
 ) -> list[dict[str, Any]]:
     from shears.pattern import Pattern
-    from shears.pruning.solvers.sparsegpt import layer_error, prepare_hessian, sparsegpt_prune
+    from shears.pruning.solvers import sparsegpt
     from shears.pruning.solvers.wanda import wanda_prune
 
     pattern = Pattern()
@@ -173,19 +188,12 @@ def solve_layers(
             pruned = wanda_prune(weight, acc.sq_norm, SPARSITY, pattern)
             error = None
         else:
+            # The request's options model needs pydantic: the same fields as a plain namespace.
+            options = SimpleNamespace(**{key: variant[key] for key in SPARSEGPT_DEFAULTS})
             if id(acc) not in prepared:
-                prepared[id(acc)] = prepare_hessian(acc.hessian, variant["damp"], weight.device)
-            pruned = sparsegpt_prune(
-                weight,
-                acc.hessian,
-                SPARSITY,
-                pattern,
-                block_size=variant["block_size"],
-                damp=variant["damp"],
-                prepared=prepared[id(acc)],
-                refine_iterations=variant["refine_iterations"],
-            )
-            error = layer_error(weight, pruned, acc.hessian)
+                prepared[id(acc)] = sparsegpt.prepare(acc.hessian, options, weight.device)
+            pruned = sparsegpt.solve(weight, SPARSITY, pattern, acc.hessian, options, prepared[id(acc)])
+            error = sparsegpt.layer_error(weight, pruned, acc.hessian)
         layer.weight.data.copy_(pruned)
         results.append({"name": name, "sparsity": float((pruned == 0).float().mean()), "error": error})
     return results
@@ -260,7 +268,7 @@ def run_variant(
     ctx: StepContext, name: str, config: Any, calibration: list[Any], sizes: Sizes, capture_s: float
 ) -> None:
     device, variant = ctx.device, VARIANTS[name]
-    record: dict[str, Any] = {"variant": name, **variant, "blocks": []}
+    record: dict[str, Any] = {**variant, "variant": name, "blocks": []}
     batches = [b.clone() for b in calibration]  # each variant starts from block 0's inputs
     dense_out = [torch.empty_like(b.hidden) for b in batches[: leading_batches(batches, ERROR_SAMPLE_TOKENS)]]
     baseline = allocated_bytes(device)
