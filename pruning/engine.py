@@ -31,6 +31,7 @@ from shears.pruning.resume import Checkpoints, Progress, identity
 from shears.pruning.runtimes import check_configured, verify_folders
 from shears.pruning.shards import ShardWriter, TensorSpec, plan_shards
 from shears.pruning.skeleton import Skeleton, build_skeleton
+from shears.pruning.solvers.reconstruct import refit_matmul_dtype
 from shears.pruning.streaming import Batch, advance, capture_inputs, head_logits, run_block
 
 ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
@@ -205,7 +206,7 @@ class _Job:
             compatibility=compatibility,
             clock=self.clock.summary(),
             attempts=self.checkpoints.attempts if self.checkpoints is not None else None,
-            solver=self._solver(),
+            solver=self._solver(skeleton.device),
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
@@ -407,7 +408,7 @@ class _Job:
             )
         return all_layers, blocks
 
-    def _solver(self) -> dict[str, Any]:
+    def _solver(self, device: torch.device) -> dict[str, Any]:
         """The method, its exact variant and parameters, and the error correction if it applied."""
         request = self.request
         method = METHODS.get(request.method)  # None for method 'none' (a structure only)
@@ -415,6 +416,9 @@ class _Job:
             described: dict[str, Any] = {"method": request.method}
         else:
             described = method.describe(request.method_options)
+        if "refit_precision" in described:  # 'auto' depends on the machine: say what it chose
+            dtype = refit_matmul_dtype(described["refit_precision"], device)
+            described["refit_matmul_dtype"] = str(dtype).removeprefix("torch.")
         correction = request.error_correction
         described["error_correction"] = (
             {**correction.model_dump(), "experts": EXPERTS_UNCORRECTED}

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 import psutil
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bench.peers import report
 from bench.peers.domains import DomainWindows, describe, domain_windows
@@ -48,11 +48,13 @@ DEFAULT_VLLM_PYTHON = REPO / "bench" / ".venv-vllm" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 Domain = Literal["shakespeare", "gsm8k"]
 
-# Shears-only variants run next to each default: the papers' algorithms, one option away.
+# Shears-only variants run next to each method's default (sparsegpt: refit; wanda: paper): the papers'
+# algorithms and the other solvers, one option away.
 VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sparsegpt": {"paper": ("--variant", "paper")},
-    "wanda": {"paper": ("--variant", "paper")},
+    "sparsegpt": {"paper": ("--variant", "paper"), "admm": ("--variant", "admm")},
+    "wanda": {"refit": ("--variant", "refit")},
 }
+VARIANT_NAMES = sorted({name for variants in VARIANTS.values() for name in variants})
 
 
 class BenchConfig(BaseModel):
@@ -75,7 +77,12 @@ class BenchConfig(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Shears' block forwards ('auto': bf16 on CPUs with AMX/AVX512-BF16)"
     )
-    variants: bool = Field(True, description="also run Shears' VARIANTS (the papers' algorithms)")
+    variants: list[str] = Field(
+        VARIANT_NAMES, description="which of Shears' VARIANTS to run next to each default ([]: none)"
+    )
+    calibrate_on: list[Domain] | None = Field(
+        None, description="calibrate on these domains only (default: every domain); all are evaluated"
+    )
     peer_python: Path | None = Field(DEFAULT_PEER_PYTHON, description="None or missing: Shears side only")
     vllm_python: Path | None = Field(
         DEFAULT_VLLM_PYTHON, description="None or missing: outputs are not loaded in vLLM (make vllm-venv)"
@@ -95,6 +102,16 @@ class BenchConfig(BaseModel):
     @property
     def peer_available(self) -> bool:
         return self.peer_python is not None and self.peer_python.is_file()
+
+    @model_validator(mode="after")
+    def _known_variants_and_domains(self) -> BenchConfig:
+        unknown = sorted(set(self.variants) - set(VARIANT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; expected some of {VARIANT_NAMES}")
+        outside = sorted(set(self.calibrate_on or []) - set(self.domains))
+        if outside:
+            raise ValueError(f"calibrate_on {outside} is not among the domains {self.domains}")
+        return self
 
     @property
     def vllm_available(self) -> bool:
@@ -229,7 +246,10 @@ class Bench:
                 "device": "cpu",
                 "shears_compute_dtype": config.compute_dtype,
                 "peer_compute_dtype": "float32",
-                "shears_variants": {m: {k: list(v) for k, v in vs.items()} for m, vs in VARIANTS.items()},
+                "shears_variants": {
+                    m: {k: list(v) for k, v in vs.items() if k in config.variants}
+                    for m, vs in VARIANTS.items()
+                },
                 "peer_modifiers": "SparseGPTModifier / WandaPruningModifier targeting the decoder "
                 "blocks; MagnitudePruningModifier (init = final sparsity) with its "
                 "mask applied at finalize (see run_llmcompressor.py)",
@@ -316,7 +336,7 @@ class Bench:
 
     def run_rows(self) -> None:
         config = self.config
-        for domain in config.domains:
+        for domain in config.calibrate_on or config.domains:
             for method in config.methods:
                 for pattern in config.patterns:
                     job = self._job(method, pattern, self.dense, self.calib_paths[domain], config.samples)
@@ -330,7 +350,9 @@ class Bench:
                             if k in peer.details
                         }
                     row = report.make_row(domain, method, pattern, shears, peer)
-                    for variant, flags in (VARIANTS.get(method, {}) if config.variants else {}).items():
+                    for variant, flags in VARIANTS.get(method, {}).items():
+                        if variant not in config.variants:
+                            continue
                         variant_job = dataclasses.replace(job, shears_flags=flags)
                         result = self._run(
                             "shears", variant_job, _slug(name, variant), self.weight_names, True
@@ -443,7 +465,20 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
     parser.add_argument(
         "--compute-dtype", default=defaults.compute_dtype, choices=["auto", "float32", "bfloat16"]
     )
-    parser.add_argument("--no-variants", action="store_true", help="skip Shears' paper variants")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=defaults.variants,
+        choices=VARIANT_NAMES,
+        help="Shears' variants run next to each default (none: --variants with no name)",
+    )
+    parser.add_argument("--no-variants", action="store_true", help="skip Shears' variants")
+    parser.add_argument(
+        "--calibrate-on",
+        nargs="+",
+        choices=["shakespeare", "gsm8k"],
+        help="calibrate on these domains only (default: every --domains); every domain is evaluated",
+    )
     parser.add_argument("--peer-python", type=Path, default=defaults.peer_python)
     parser.add_argument("--vllm-python", type=Path, default=defaults.vllm_python)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
@@ -469,7 +504,8 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         batch_size=args.batch_size,
         eval_tokens=args.eval_tokens,
         compute_dtype=args.compute_dtype,
-        variants=not args.no_variants,
+        variants=[] if args.no_variants else args.variants,
+        calibrate_on=args.calibrate_on,
         peer_python=args.peer_python,
         vllm_python=args.vllm_python,
         work_dir=args.work_dir,

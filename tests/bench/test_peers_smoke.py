@@ -34,6 +34,7 @@ def bench_data(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         model=str(tiny_llama),
         methods=["sparsegpt"],
         patterns=["2:4"],
+        variants=["paper"],  # one variant is enough to check how they run; each costs a job
         samples=4,
         seqlen=32,
         eval_seqlen=32,
