@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shears.schema import Strict
 
@@ -32,6 +32,15 @@ if TYPE_CHECKING:
 # What a method reads of each layer's inputs: nothing, the per-feature squared norms sum x_j^2
 # (stats.InputNormAccumulator), or the Hessian 2/N X X^T (stats.HessianAccumulator).
 Statistic = Literal["none", "norms", "hessian"]
+
+
+def _refuse_unused(options: Strict, *fields: str, unless: bool, used_by: str) -> None:
+    """A request that sets an option its variant ignores to other than its default is refused: it would
+    not do what it says. (Defaults pass: a dumped request, every field written out, parses again.)"""
+    defaults = type(options).model_fields
+    given = [name for name in fields if getattr(options, name) != defaults[name].default]
+    if given and not unless:
+        raise ValueError(f"{', '.join(given)}: only used by {used_by}; drop it or pick that variant")
 
 
 class SparseGPTOptions(Strict):
@@ -69,6 +78,33 @@ class SparseGPTOptions(Strict):
         1.0, description="ADMM penalty, relative to the normalised Hessian's unit diagonal (variant admm)"
     )
 
+    @model_validator(mode="after")
+    def _options_of_the_variant(self) -> SparseGPTOptions:
+        _refuse_unused(
+            self, "admm_iterations", "admm_rho", unless=self.variant == "admm", used_by="variant 'admm'"
+        )
+        _refuse_unused(
+            self,
+            "block_size",
+            "damp",
+            unless=self.variant != "admm",
+            used_by="variants 'paper' and 'refit' (ADMM has no column sweep; its damping is refit_damp)",
+        )
+        _refuse_unused(
+            self,
+            "refit_damp",
+            "refit_precision",
+            unless=self.variant != "paper",
+            used_by="variants 'refit' and 'admm' (the paper's SparseGPT re-fits nothing)",
+        )
+        _refuse_unused(
+            self,
+            "refine_iterations",
+            unless=self.variant != "paper" or self.refine_iterations == 0,
+            used_by="variants 'refit' and 'admm' (the paper's SparseGPT re-fits nothing)",
+        )
+        return self
+
     def describe(self) -> dict[str, Any]:
         """The exact variant and the parameters it uses (for the manifest)."""
         if self.variant == "paper" or (self.refine_iterations == 0 and self.variant == "refit"):
@@ -101,6 +137,23 @@ class WandaOptions(Strict):
         description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
         "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is 3-6x faster, else fp32",
     )
+
+    @model_validator(mode="after")
+    def _options_of_the_variant(self) -> WandaOptions:
+        _refuse_unused(
+            self,
+            "refit_damp",
+            "refit_precision",
+            unless=self.variant == "refit",
+            used_by="variant 'refit' (the paper's Wanda re-fits nothing)",
+        )
+        _refuse_unused(
+            self,
+            "refine_iterations",
+            unless=self.variant == "refit" or self.refine_iterations == 0,
+            used_by="variant 'refit' (the paper's Wanda re-fits nothing)",
+        )
+        return self
 
     @property
     def refits(self) -> bool:

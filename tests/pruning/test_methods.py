@@ -113,3 +113,39 @@ def test_solve_through_the_entry_needs_its_statistic() -> None:
         else:
             with pytest.raises(ValueError, match=f"{name} needs the layer's input statistic"):
                 entry.solve(weight, 0.5, Pattern())
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        (
+            "sparsegpt",
+            {"variant": "paper", "refit_damp": 0.1},
+            "refit_damp: only used by variants 'refit' and 'admm'",
+        ),
+        ("sparsegpt", {"variant": "paper", "refine_iterations": 5}, "refine_iterations: only used by"),
+        ("sparsegpt", {"variant": "refit", "admm_rho": 2.0}, "admm_rho: only used by variant 'admm'"),
+        ("sparsegpt", {"variant": "admm", "damp": 0.05}, "damp: only used by variants 'paper' and 'refit'"),
+        ("wanda", {"refit_precision": "float32"}, "refit_precision: only used by variant 'refit'"),
+    ],
+)
+def test_options_a_variant_ignores_are_refused(method: str, options: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PruneRequest(model="m", method=method, sparsity=0.5, **{method: options})
+
+
+def test_dumped_requests_parse_again_and_paper_zero_iterations_still_pass() -> None:
+    admm = PruneRequest(
+        model="m", method="sparsegpt", sparsity=0.5, sparsegpt={"variant": "admm", "admm_rho": 2.0}
+    )
+    assert PruneRequest.model_validate_json(admm.model_dump_json()) == admm  # every default written out
+    paper = PruneRequest(
+        model="m", method="sparsegpt", sparsity=0.5, sparsegpt={"variant": "paper", "refine_iterations": 0}
+    )
+    assert METHODS["sparsegpt"].describe(paper.method_options)["variant"] == "paper"
+    wanda = PruneRequest(model="m", method="wanda", sparsity=0.5, wanda={"refine_iterations": 0})
+    assert METHODS["wanda"].describe(wanda.method_options) == {
+        "method": "wanda",
+        "statistic": "norms",
+        "variant": "paper",
+    }
