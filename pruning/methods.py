@@ -69,7 +69,7 @@ class SparseGPTOptions(Strict):
     refit_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
-        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is 3-6x faster, else fp32",
+        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is faster, else fp32",
     )
     admm_iterations: Annotated[int, Field(ge=1, le=1000)] = Field(
         20, description="ADMM iterations (variant admm), the first 60% tightening the mask"
@@ -135,7 +135,7 @@ class WandaOptions(Strict):
     refit_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
-        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is 3-6x faster, else fp32",
+        "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is faster, else fp32",
     )
 
     @model_validator(mode="after")

@@ -53,7 +53,7 @@ def reconstruct_masked(
     value added to H's diagonal (SparseGPT's, so both solve the same regularised problem).
     keep: the bool mask of weights that may be non-zero (default: pruned != 0); `pruned` must be
     zero off it. trace: if given, receives the damped objective after every iteration (tests).
-    matmul_dtype: bf16 runs each step's product x H in bf16 with fp32 accumulation (3-6x faster on
+    matmul_dtype: bf16 runs each step's product x H in bf16 with fp32 accumulation (faster on
     CPUs with AVX512-BF16/AMX and on GPUs); the iterate, residual and the objective stay fp32.
     Returns a new tensor in `pruned`'s dtype; `pruned` itself if the iteration breaks down.
     """
