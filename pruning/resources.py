@@ -18,7 +18,7 @@ from shears.progress import Event, Phase, Reporter
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (about 6x on Sapphire Rapids, 3x on Zen 4)."""
+    """bf16 matmuls beat fp32 on CPUs with AMX or AVX512-BF16 (about 6x on Sapphire Rapids)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
