@@ -80,6 +80,7 @@ class BenchConfig(BaseModel):
     variants: list[str] = Field(
         VARIANT_NAMES, description="which of Shears' VARIANTS to run next to each default ([]: none)"
     )
+    default: bool = Field(True, description="run each method's default (and the peer); False: variants only")
     calibrate_on: list[Domain] | None = Field(
         None, description="calibrate on these domains only (default: every domain); all are evaluated"
     )
@@ -341,8 +342,13 @@ class Bench:
                 for pattern in config.patterns:
                     job = self._job(method, pattern, self.dense, self.calib_paths[domain], config.samples)
                     name = _slug(domain, method, pattern)
-                    shears = self._run("shears", job, name, self.weight_names, True)
-                    peer = self._run("peer", job, name, self.weight_names, True)
+                    if config.default:
+                        shears = self._run("shears", job, name, self.weight_names, True)
+                        peer = self._run("peer", job, name, self.weight_names, True)
+                    else:
+                        skipped = "not run (--no-default: variants only)"
+                        shears = ToolResult(tool="shears", status="not_offered", note=skipped)
+                        peer = ToolResult(tool="llm-compressor", status="not_offered", note=skipped)
                     if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
                         self.data["tools"]["llm-compressor"] = {
                             k: peer.details[k]
@@ -474,6 +480,9 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
     )
     parser.add_argument("--no-variants", action="store_true", help="skip Shears' variants")
     parser.add_argument(
+        "--no-default", action="store_true", help="run only the variants (no default, no peer): split runs"
+    )
+    parser.add_argument(
         "--calibrate-on",
         nargs="+",
         choices=["shakespeare", "gsm8k"],
@@ -506,6 +515,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, bool, bool]:
         compute_dtype=args.compute_dtype,
         variants=[] if args.no_variants else args.variants,
         calibrate_on=args.calibrate_on,
+        default=not args.no_default,
         peer_python=args.peer_python,
         vllm_python=args.vllm_python,
         work_dir=args.work_dir,
