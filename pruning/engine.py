@@ -130,7 +130,16 @@ class _Job:
             with self.clock.phase("calibrating"):
                 windows, calib, dense_eval, eval_ids = self._calibrate(model, skeleton, tokenizer)
                 pruned_eval = [batch.clone() for batch in dense_eval]
-                streams = {"calib": calib, "dense_eval": dense_eval, "pruned_eval": pruned_eval}
+                # The dense model's own stream for the same tokens (checkpointed with the others): all
+                # of it for error correction (its targets), else the batches the block error samples.
+                kept = len(calib) if self._correcting() else _leading_batches(calib, ERROR_SAMPLE_TOKENS)
+                dense_calib = [batch.clone() for batch in calib[:kept]]
+                streams = {
+                    "calib": calib,
+                    "dense_calib": dense_calib,
+                    "dense_eval": dense_eval,
+                    "pruned_eval": pruned_eval,
+                }
                 progress = None
                 if self.checkpoints is not None:
                     ident = identity(request, model, skeleton, shards)
@@ -330,12 +339,8 @@ class _Job:
         sampled = _leading_batches(calib, ERROR_SAMPLE_TOKENS)
         dense_out = [torch.empty_like(batch.hidden) for batch in calib[:sampled]]  # reused by every block
         sampled_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:sampled])
-        # The dense model's own stream for the same tokens: all of it for error correction (its
-        # targets), else the sampled batches only, to measure how far the pruned model drifted.
         correcting = self._correcting()
-        dense_stream = [batch.clone() for batch in (calib if correcting else calib[:sampled])]
-        # After a resume (progress.start > 0) the dense stream starts from the restored pruned stream:
-        # model_error then measures the drift since the resume, and the correction fits to that.
+        dense_stream = streams["dense_calib"]  # calib's tokens through the dense blocks
         for index in range(progress.start, total):
             block = skeleton.materialize_block(index)
             with torch.inference_mode():

@@ -48,7 +48,7 @@ from shears.pruning.streaming import Batch
 FORMAT = "shears-checkpoint/1"
 CHECKPOINT = "checkpoint.json"
 ATTEMPTS = "attempts.json"
-_STREAMS = ("calib", "dense_eval", "pruned_eval")
+_STREAMS = ("calib", "dense_calib", "dense_eval", "pruned_eval")  # dense_calib: the dense model's stream
 _ACTIVATIONS = re.compile(r"activations-[0-9]{5}\.safetensors")
 
 
