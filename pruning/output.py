@@ -154,7 +154,7 @@ def write_manifest(
     packed_files: list[str],
     benchmark: dict[str, Any] | None,
     clock: dict[str, Any],
-    solver: dict[str, Any],
+    solver: dict[str, Any] | None = None,
     compatibility: dict[str, Any] | None = None,
     attempts: list[dict[str, Any]] | None = None,
     structure: dict[str, Any] | None = None,
