@@ -127,6 +127,9 @@ class CorrectionAccumulator(HessianAccumulator):
 
     def add_pair(self, pruned: Tensor, dense: Tensor) -> None:
         """One batch: `pruned` and `dense` [..., K] are the same tokens' inputs in the two models."""
+        if not self.paired:  # an earlier batch did not pair up: the plain fit
+            self.add(pruned)
+            return
         x = _tokens(pruned, None, self.columns, self.device).to(torch.float32)
         y = _tokens(dense, None, self.columns, self.device).to(torch.float32)
         if x.shape != y.shape:

@@ -4,16 +4,19 @@ the pruned model stays closer to the dense one than with each layer fitted to it
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from shears.pattern import Pattern
+from shears.pruning.block_pruner import InputStats
 from shears.pruning.config import CorrectionSpec
 from shears.pruning.engine import prune
+from shears.pruning.prunable import Prunable
 from shears.pruning.solvers.correction import corrected_target, correction_factor
-from shears.pruning.stats import CorrectionAccumulator
+from shears.pruning.stats import CorrectionAccumulator, HessianAccumulator
 from tests.pruning.test_engine import fast_request
 from tests.pruning.test_solvers import activations
 
@@ -74,3 +77,51 @@ def test_block_correction_lowers_the_pruned_models_error(
     on_disk = json.loads((tmp_path / "fixed" / "manifest.json").read_text())
     assert on_disk["blocks"][-1]["model_error"] == after[-1]
     assert fixed["sparsity"]["achieved"] == pytest.approx(plain["sparsity"]["achieved"])
+
+
+def test_correction_with_moe_experts_corrects_the_linears_and_fits_experts_plainly(
+    tiny_of_type: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Experts see different tokens in the dense and the pruned model (routing differs): they keep the
+    per-expert fit on their routed tokens; the attention linears are corrected."""
+    folder = tiny_of_type("qwen3_moe")
+    request = fast_request(
+        folder, pattern=Pattern.parse("2:4"), compute_dtype="float32", error_correction=CorrectionSpec()
+    )
+    manifest = prune(request, tmp_path / "out")
+    assert "not corrected" in manifest["solver"]["error_correction"]["experts"]
+    experts = {name: layer for name, layer in manifest["layers"].items() if layer["expert"] is not None}
+    linears = {name: layer for name, layer in manifest["layers"].items() if layer["expert"] is None}
+    assert experts and linears
+    assert not any(layer["corrected"] for layer in experts.values())
+    assert all(layer["corrected"] for layer in linears.values())
+    assert manifest["moe"] is not None
+    assert all(block["model_error"] is not None for block in manifest["blocks"])
+    assert all(layer["sparsity"] == 0.5 for layer in manifest["layers"].values())
+
+
+def test_a_routed_linear_falls_back_to_the_plain_fit() -> None:
+    """A linear that sees only some of the batch's tokens (an expert kept as a module list) cannot pair
+    its pruned-model inputs with the dense model's: its statistic is the plain Hessian."""
+    linear = torch.nn.Linear(8, 4)
+    layer = Prunable("expert", "expert.weight", linear, None, False, (4, 8))
+    stats = InputStats({"expert": layer}, "hessian", torch.device("cpu"), correcting=True)
+    x = activations(16, 8, seed=4)
+    plain = HessianAccumulator(8, "cpu")
+    with stats:
+        for batch, tokens in ((x[:10], 16), (x[10:], 6)):  # the first batch is routed (10 of 16 tokens)
+            stats.dense, stats.batch_tokens = {"expert": batch + 1}, tokens
+            linear(batch)
+            stats.after_batch()
+            plain.add(batch)
+    acc = stats.of("expert")
+    assert isinstance(acc, CorrectionAccumulator) and not acc.paired
+    torch.testing.assert_close(acc.hessian, plain.hessian)
+    # Every token in both models: paired.
+    paired = InputStats({"expert": layer}, "hessian", torch.device("cpu"), correcting=True)
+    with paired:
+        paired.dense, paired.batch_tokens = {"expert": x + 1}, 16
+        linear(x)
+        paired.after_batch()
+    accumulator = paired.of("expert")
+    assert isinstance(accumulator, CorrectionAccumulator) and accumulator.paired
