@@ -34,6 +34,9 @@ DTYPE = "bfloat16"
 TOP_LOGPROBS = 10
 # bf16 SmolLM2-135M, transformers 5.24 vs vLLM 0.32 CPU: up to 0.29 nats apart over 16 steps (mean 0.07).
 LOGPROB_TOLERANCE = 0.5
+# In fp32 both runtimes compute the same model to rounding (SmolLM2-135M with 6 of 30 blocks, a
+# quarter of the MLP and a head group removed: 1e-4 nats apart, where bf16 drifted 0.97 apart).
+FP32_TOLERANCE = 0.01
 PROBE_TIMEOUT_S = 1800.0
 
 
@@ -188,11 +191,54 @@ def _keys(folders: Sequence[Path]) -> list[str]:
     return [str(Path(folder).resolve()) for folder in folders]
 
 
-def run_reference(folders: Sequence[Path], work: Path, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+def run_reference(
+    folders: Sequence[Path], work: Path, timeout_s: float = PROBE_TIMEOUT_S, dtype: str = DTYPE
+) -> dict[str, Any]:
     """transformers' greedy tokens and logprobs for each folder (this Python, a child process)."""
     work.mkdir(parents=True, exist_ok=True)
-    spec = {**_COMMON, "runtime": "transformers", "folders": [{"path": key} for key in _keys(folders)]}
+    spec = {
+        **_COMMON,
+        "dtype": dtype,
+        "runtime": "transformers",
+        "folders": [{"path": key} for key in _keys(folders)],
+    }
     return run_probe(sys.executable, spec, work, timeout_s)
+
+
+def _run_runtime(
+    name: str,
+    python: str,
+    keys: list[str],
+    ref: dict[str, Any],
+    place: Path,
+    timeout_s: float,
+    tolerance: float,
+    dtype: str,
+) -> dict[str, dict[str, Any]]:
+    """One runtime's verdict per folder against the reference `ref` (run in the same dtype)."""
+    loaded = [key for key in keys if ref["folders"].get(key, {}).get("loaded")]
+    entries = [
+        {
+            "path": key,
+            "prompt_ids": ref["folders"][key]["prompt_ids"],
+            "reference": ref["folders"][key]["tokens"],
+        }
+        for key in loaded
+    ]
+    spec = {**_COMMON, "dtype": dtype, "runtime": name, "folders": entries}
+    result = run_probe(python, spec, place, timeout_s) if entries else {}
+    verdicts = {}
+    for key in keys:
+        found = result.get("folders", {}).get(key)
+        if key not in loaded:
+            found = {"loaded": False, "error": "not run: transformers could not load the folder"}
+        elif found is None:
+            found = {"loaded": False, "error": result.get("error") or "the probe reported nothing"}
+        verdict = compare(ref["folders"].get(key, {}), found, tolerance)
+        verdict["version"] = result.get("version")
+        verdict["dtype"] = dtype
+        verdicts[key] = verdict
+    return verdicts
 
 
 def verify_folders(
@@ -207,6 +253,10 @@ def verify_folders(
     reference: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The `compatibility` section of each folder (keyed by str(folder)) for the runtimes `names`.
+
+    A folder that loads but lands out of tolerance in bf16 is checked again in fp32, where both
+    runtimes must agree to FP32_TOLERANCE: a pruned model's flatter distributions let bf16 rounding
+    drift further than a dense one's, and fp32 tells that apart from a model the runtime reads wrong.
 
     `reference`: run_reference's result for these folders, when the caller ran it already."""
     interpreters = {name: runtime_python(name, pythons) for name in names}
@@ -232,30 +282,22 @@ def verify_folders(
             }
             for key in keys
         }
-        loaded = [key for key in keys if ref["folders"].get(key, {}).get("loaded")]
         for name, python in interpreters.items():
-            log(f"{name}: {len(loaded)} folder(s) with {python}")
-            entries = [
-                {
-                    "path": key,
-                    "prompt_ids": ref["folders"][key]["prompt_ids"],
-                    "reference": ref["folders"][key]["tokens"],
-                }
-                for key in loaded
-            ]
-            result = (
-                run_probe(python, {**_COMMON, "runtime": name, "folders": entries}, place, timeout_s)
-                if entries
-                else {}
-            )
-            for key in keys:
-                found = result.get("folders", {}).get(key)
-                if key not in loaded:
-                    found = {"loaded": False, "error": "not run: transformers could not load the folder"}
-                elif found is None:
-                    found = {"loaded": False, "error": result.get("error") or "the probe reported nothing"}
-                verdict = compare(ref["folders"].get(key, {}), found, tolerance)
-                verdict["version"] = result.get("version")
+            log(f"{name}: {len(keys)} folder(s) with {python}")
+            verdicts = _run_runtime(name, python, keys, ref, place, timeout_s, tolerance, DTYPE)
+            drifted = [key for key, verdict in verdicts.items() if verdict["loaded"] and not verdict["ok"]]
+            if drifted:
+                log(f"{name}: {len(drifted)} folder(s) out of tolerance in {DTYPE}: checking them in float32")
+                fp32_place = place / "float32"
+                fp32_place.mkdir(exist_ok=True)
+                fp32_ref = run_reference([Path(key) for key in drifted], fp32_place, timeout_s, "float32")
+                exact = _run_runtime(
+                    name, python, drifted, fp32_ref, fp32_place, timeout_s, FP32_TOLERANCE, "float32"
+                )
+                for key, verdict in exact.items():
+                    verdicts[key]["float32"] = verdict
+                    verdicts[key]["ok"] = verdict["ok"]
+            for key, verdict in verdicts.items():
                 sections[key]["runtimes"][name] = verdict
                 log(f"{key}: {describe(name, verdict)}")
     return sections
@@ -266,8 +308,12 @@ def describe(name: str, verdict: dict[str, Any]) -> str:
     if not verdict["loaded"]:
         return f"{name} {verdict.get('version') or ''}: NOT LOADED: {str(verdict['error'])[:300]}"
     tokens = "equal" if verdict["tokens_equal"] else f"differ after {verdict['equal_prefix']}"
-    return (
-        f"{name} {verdict.get('version')}: loaded, greedy tokens {tokens}, max logprob diff "
-        f"{verdict['max_logprob_diff']} (tolerance {verdict['tolerance']}): "
-        f"{'ok' if verdict['ok'] else 'OUT OF TOLERANCE'}"
+    line = (
+        f"{name} {verdict.get('version')}: loaded, {verdict.get('dtype', DTYPE)} greedy tokens {tokens}, "
+        f"max logprob diff {verdict['max_logprob_diff']} (tolerance {verdict['tolerance']})"
     )
+    exact = verdict.get("float32")
+    if exact is not None:
+        line += f"; in float32: {describe(name, exact).split(': ', 1)[1]}"
+        return line
+    return f"{line}: {'ok' if verdict['ok'] else 'OUT OF TOLERANCE'}"
