@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -48,7 +49,27 @@ class LayerResult:
     corrected: bool = False  # fitted to the dense model's outputs (error correction)
 
 
-class InputStats:
+class _LayerHooks:
+    """A forward hook on each layer's module while in a `with` block; subclasses say what it does."""
+
+    layers: dict[str, Prunable]
+    _handles: list[torch.utils.hooks.RemovableHandle]
+
+    def __enter__(self) -> Self:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        raise NotImplementedError
+
+
+class InputStats(_LayerHooks):
     """Forward hooks accumulating per-input statistics for a set of linear layers."""
 
     def __init__(
@@ -66,16 +87,6 @@ class InputStats:
         self.accumulators: dict[str, Accumulator] = {}  # keyed by each group's first layer
         self._seen: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> InputStats:
-        for name, layer in self.layers.items():
-            self._handles.append(layer.module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _new(self, columns: int) -> Accumulator:
         if self.correcting:
@@ -135,23 +146,13 @@ class InputStats:
             self.accumulators.pop(leader, None)
 
 
-class DenseInputs:
+class DenseInputs(_LayerHooks):
     """Forward hooks keeping, for one batch, the input each of a set of linear layers receives."""
 
     def __init__(self, layers: dict[str, Prunable]) -> None:
         self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> DenseInputs:
-        for name, layer in self.layers.items():
-            self._handles.append(layer.module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -194,12 +194,7 @@ class _Job:
                 benchmark = run_benchmark(
                     self.work, self.reporter, pattern=request.pattern.nm, names=pruned_names
                 )
-        compatibility = None
-        if request.verify_runtimes:
-            with self.clock.phase(
-                "compatibility", f"loading the output in {', '.join(request.verify_runtimes)}"
-            ):
-                compatibility = self._verify_runtimes()
+        compatibility = self._compatibility()
         manifest = write_manifest(
             self.work,
             request=request,
@@ -219,6 +214,15 @@ class _Job:
         )
         self.reporter(Event("result", message="done", data={"perplexity": perplexity}))
         return manifest
+
+    def _compatibility(self) -> dict[str, Any] | None:
+        """The manifest's `compatibility` section: the output loaded in each asked-for runtime."""
+        if not self.request.verify_runtimes:
+            return None
+        with self.clock.phase(
+            "compatibility", f"loading the output in {', '.join(self.request.verify_runtimes)}"
+        ):
+            return self._verify_runtimes()
 
     def _verify_runtimes(self) -> dict[str, Any]:
         scratch = str(self.work.resolve())  # renamed to the output folder once the job is done

@@ -17,9 +17,9 @@ from urllib.parse import quote
 from fastapi.responses import Response, StreamingResponse
 
 from shears.server.problems import problem_response
+from shears.server.storage import read_span
 
 _ONE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
-_CHUNK = 1 << 20
 
 
 class Unsatisfiable(ValueError):
@@ -66,15 +66,7 @@ def read_file(path: Path) -> Callable[[int, int | None], Iterator[bytes]]:
 
     def read(start: int, length: int | None) -> Iterator[bytes]:
         with open(path, "rb") as handle:
-            handle.seek(start)
-            left = length
-            while left is None or left > 0:
-                chunk = handle.read(_CHUNK if left is None else min(_CHUNK, left))
-                if not chunk:
-                    return
-                if left is not None:
-                    left -= len(chunk)
-                yield chunk
+            yield from read_span(handle, start, length)
 
     return read
 

@@ -15,12 +15,25 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from shears.manifest import MANIFEST
 from shears.server.artifacts import ArtifactError
 
 _CHUNK = 1 << 20
+
+
+def read_span(handle: BinaryIO, start: int, length: int | None) -> Iterator[bytes]:
+    """Bytes [start, start+length) of an open file (to its end when length is None), in chunks."""
+    handle.seek(start)
+    left = length
+    while left is None or left > 0:
+        chunk = handle.read(_CHUNK if left is None else min(_CHUNK, left))
+        if not chunk:
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
 
 
 class RemoteArtifacts:
@@ -90,15 +103,7 @@ class RemoteArtifacts:
     ) -> Iterator[bytes]:
         """Stream bytes [start, start+length) of a stored file (ranged reads, nothing staged on disk)."""
         with self.fs.open(self._path(job_id, artifact_dir, name), "rb", block_size=8 * _CHUNK) as handle:
-            handle.seek(start)
-            left = length
-            while left is None or left > 0:
-                chunk = handle.read(_CHUNK if left is None else min(_CHUNK, left))
-                if not chunk:
-                    return
-                if left is not None:
-                    left -= len(chunk)
-                yield chunk
+            yield from read_span(handle, start, length)
 
     def remove(self, job_id: str, artifact_dir: str | None = None) -> None:
         path = self._path(job_id, artifact_dir) if artifact_dir else self._path(job_id)

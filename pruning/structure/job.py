@@ -128,12 +128,7 @@ class StructuredJob(_Job):
                 structure["speed"] = compare_speed(
                     model.path, self.work, skeleton.device, skeleton.dtype, structure["bytes"]["before"]
                 )
-        compatibility = None
-        if request.verify_runtimes:
-            with self.clock.phase(
-                "compatibility", f"loading the output in {', '.join(request.verify_runtimes)}"
-            ):
-                compatibility = self._verify_runtimes()
+        compatibility = self._compatibility()
         manifest = write_manifest(
             self.work,
             request=request,
