@@ -32,6 +32,9 @@ from shears.pruning.solvers.correction import corrected_target, correction_facto
 from shears.pruning.stats import ACCUMULATORS, Accumulator, CorrectionAccumulator
 from shears.pruning.streaming import Batch, run_block
 
+# Rows a layer's reported error is taken over (solvers.layer_error's estimate; exact below this).
+ERROR_ROWS = 512
+
 
 @dataclass
 class LayerResult:
@@ -39,7 +42,7 @@ class LayerResult:
     shape: tuple[int, int]
     target: float
     sparsity: float
-    error: float | None  # relative ||WX - W'X||^2 / ||WX||^2 where a Hessian was collected
+    error: float | None  # relative ||WX - W'X||^2 / ||WX||^2 where a Hessian was collected (ERROR_ROWS)
     seconds: float
     param: str  # the model parameter holding the matrix
     expert: int | None = None  # its expert, in a fused 3-D experts parameter
@@ -217,7 +220,7 @@ def _solve_layers(
             prepared=prepared.get(id(acc)),
         ).to(view.dtype)
         hessian = statistic if needed == "hessian" else None
-        error = layer_error(weight, pruned, hessian) if hessian is not None else None
+        error = layer_error(weight, pruned, hessian, max_rows=ERROR_ROWS) if hessian is not None else None
         del weight, statistic, hessian
         view.copy_(pruned)
         layer.matrix(_block_tensor(layer).data).copy_(pruned)

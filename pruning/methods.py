@@ -43,9 +43,20 @@ def _refuse_unused(options: Strict, *fields: str, unless: bool, used_by: str) ->
         raise ValueError(f"{', '.join(given)}: only used by {used_by}; drop it or pick that variant")
 
 
+def _paper_if_no_refit(data: object) -> object:
+    """`refine_iterations: 0` without a variant asks for the paper's algorithm (its spelling before
+    variants existed, and still documented): the variant is set to say so."""
+    if isinstance(data, dict) and "variant" not in data and data.get("refine_iterations") == 0:
+        return {**data, "variant": "paper"}
+    return data
+
+
 class SparseGPTOptions(Strict):
+    # The defaults are the best measured on held-out text of another domain than the calibration's
+    # (bench/results/peers-*.md; README "Benchmark"): ADMM, few iterations (more fit the calibration
+    # text, not the model), a short re-fit.
     variant: Literal["admm", "refit", "paper"] = Field(
-        "refit",
+        "admm",
         description="'paper': SparseGPT as published; 'refit': SparseGPT, then the kept weights re-fitted "
         "to the final mask (conjugate gradients); 'admm': mask and weights found together by ADMM "
         "(solvers.admm), then the same re-fit",
@@ -57,9 +68,10 @@ class SparseGPTOptions(Strict):
         0.01, description="dampening added to the Hessian's diagonal, relative to its mean"
     )
     refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
-        10,
+        4,
         description="conjugate-gradient iterations re-fitting the kept weights to the final mask "
-        "(least squares under the damped Hessian; variants refit and admm); 0 gives the paper's SparseGPT",
+        "(least squares under the damped Hessian; variants refit and admm); 0 without a variant "
+        "gives the paper's SparseGPT",
     )
     refit_damp: Annotated[float, Field(gt=0, lt=10)] = Field(
         0.01,
@@ -72,11 +84,13 @@ class SparseGPTOptions(Strict):
         "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is faster, else fp32",
     )
     admm_iterations: Annotated[int, Field(ge=1, le=1000)] = Field(
-        20, description="ADMM iterations (variant admm), the first 60% tightening the mask"
+        8, description="ADMM iterations (variant admm), the first 60% tightening the mask"
     )
     admm_rho: Annotated[float, Field(gt=0, le=100)] = Field(
         1.0, description="ADMM penalty, relative to the normalised Hessian's unit diagonal (variant admm)"
     )
+
+    _legacy_paper = model_validator(mode="before")(_paper_if_no_refit)
 
     @model_validator(mode="after")
     def _options_of_the_variant(self) -> SparseGPTOptions:
@@ -121,12 +135,12 @@ class SparseGPTOptions(Strict):
 
 class WandaOptions(Strict):
     variant: Literal["refit", "paper"] = Field(
-        "paper",
+        "refit",
         description="'paper': Wanda as published (|W| x input norm, the kept weights untouched); 'refit': "
         "Wanda's mask, then the kept weights re-fitted by conjugate gradients (needs the Hessian)",
     )
     refine_iterations: Annotated[int, Field(ge=0, le=1000)] = Field(
-        10,
+        4,
         description="conjugate-gradient iterations of the re-fit (variant refit); 0 gives the paper's Wanda",
     )
     refit_damp: Annotated[float, Field(gt=0, lt=10)] = Field(
@@ -137,6 +151,8 @@ class WandaOptions(Strict):
         description="matmul dtype of the re-fit's steps (iterate and residual stay fp32): 'auto' is "
         "bf16 on GPUs and on CPUs with AMX/AVX512-BF16, where it is faster, else fp32",
     )
+
+    _legacy_paper = model_validator(mode="before")(_paper_if_no_refit)
 
     @model_validator(mode="after")
     def _options_of_the_variant(self) -> WandaOptions:

@@ -48,11 +48,11 @@ DEFAULT_VLLM_PYTHON = REPO / "bench" / ".venv-vllm" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 Domain = Literal["shakespeare", "gsm8k"]
 
-# Shears-only variants run next to each method's default (sparsegpt: refit; wanda: paper): the papers'
-# algorithms and the other solvers, one option away.
+# Shears-only variants run next to each method's default (sparsegpt: admm; wanda: refit): the papers'
+# algorithms (what llm-compressor runs) and the other solvers, one option away.
 VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sparsegpt": {"paper": ("--variant", "paper"), "admm": ("--variant", "admm")},
-    "wanda": {"refit": ("--variant", "refit")},
+    "sparsegpt": {"paper": ("--variant", "paper"), "refit": ("--variant", "refit")},
+    "wanda": {"paper": ("--variant", "paper")},
 }
 VARIANT_NAMES = sorted({name for variants in VARIANTS.values() for name in variants})
 

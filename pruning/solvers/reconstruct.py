@@ -67,9 +67,10 @@ def reconstruct_masked(
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
         product = hessian if matmul_dtype == torch.float32 else hessian.to(matmul_dtype)
         rows = weight.shape[0] if trace is not None else CHUNK_ROWS  # the trace sums every row
+        reverted = 0
         for start in range(0, weight.shape[0], rows):
             chunk = slice(start, start + rows)
-            _conjugate_gradients(
+            reverted += _conjugate_gradients(
                 weight[chunk],
                 dense[chunk],
                 drop[chunk],
@@ -81,6 +82,8 @@ def reconstruct_masked(
                 trace,
             )
         weight.masked_fill_(drop, 0.0)
+    if reverted:
+        log.info("re-fit: %d of %d rows diverged and kept the solver's weights", reverted, weight.shape[0])
     if not bool(torch.isfinite(weight).all()):
         log.warning("mask reconstruction diverged (non-finite weights); keeping the solver's weights")
         return pruned
@@ -97,9 +100,11 @@ def _conjugate_gradients(
     precondition: Tensor,
     iterations: int,
     trace: list[float] | None,
-) -> None:
+) -> int:
     """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place); `product` is H in
-    the dtype of the step's matmul."""
+    the dtype of the step's matmul. Returns how many rows diverged: those whose preconditioned
+    residual ended above where it started, or not finite (bf16 steps on a layer whose input norms
+    span orders of magnitude can do that), get their starting weights back."""
 
     def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
         if product.dtype == torch.float32:
@@ -112,6 +117,7 @@ def _conjugate_gradients(
     residual = apply(dense - weight)  # minus the gradient, zero off the mask
     direction = residual * precondition
     rz = preconditioned_dot(residual)
+    start, rz_start = weight.clone(), rz
     for _ in range(iterations):
         curvature = apply(direction)
         step = rz / torch.linalg.vecdot(direction, curvature)[:, None].clamp_min(1e-30)
@@ -124,3 +130,7 @@ def _conjugate_gradients(
         if trace is not None:
             delta = weight - dense
             trace.append(float((torch.addmm(delta, delta, hessian, beta=damping) * delta).sum()))
+    diverged = ~(rz <= rz_start)[:, 0] | ~torch.isfinite(weight).all(dim=1)  # NaN compares False
+    if bool(diverged.any()):
+        weight[diverged] = start[diverged]
+    return int(diverged.sum())

@@ -265,8 +265,17 @@ def solve(
 
 
 @torch.no_grad()
-def layer_error(weight: Tensor, pruned: Tensor, hessian: Tensor) -> float:
-    """Relative reconstruction error tr(dW H dW^T) / tr(W H W^T) = ||WX - W'X||^2 / ||WX||^2."""
+def layer_error(weight: Tensor, pruned: Tensor, hessian: Tensor, *, max_rows: int | None = None) -> float:
+    """Relative reconstruction error tr(dW H dW^T) / tr(W H W^T) = ||WX - W'X||^2 / ||WX||^2.
+
+    `max_rows`: on a layer with more rows, both traces are taken over every k-th row only (at most
+    `max_rows`, evenly strided, deterministic): an estimate, at a fraction of the 2 x rows x K^2
+    flops of the exact value (at hidden 2048 the exact value of every layer cost 10% of a job).
+    """
+    rows = weight.shape[0]
+    if max_rows is not None and rows > max_rows:
+        stride = -(-rows // max_rows)
+        weight, pruned = weight[::stride], pruned[::stride]
     with ieee_fp32_matmul():
         hess = hessian.detach().to(device=weight.device, dtype=torch.float32)
         w = weight.detach().to(torch.float32)

@@ -123,3 +123,21 @@ def test_argument_errors(problem) -> None:
     broken[3, 3] = float("nan")
     with pytest.raises(RuntimeError, match="NaN"):
         admm_prune(weight, broken, 0.5, Pattern())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_ramp_steps_estimate_their_threshold_on_large_layers(pattern: str) -> None:
+    """A ramp step (exact=False) on a layer above 2 x RAMP_SAMPLE scores: about the count asked for,
+    deterministic, an N:M mask's subset; the final step (exact) is exact."""
+    parsed = Pattern.parse(pattern)
+    scores = torch.rand(1024, 1024, generator=torch.Generator().manual_seed(3))
+    zeros = 300_000
+    approx = project(scores, parsed, zeros, exact=False)
+    assert abs(int(approx.sum()) - zeros) < 0.01 * zeros
+    assert torch.equal(approx, project(scores, parsed, zeros, exact=False))
+    exact = project(scores, parsed, zeros)
+    assert int(exact.sum()) == zeros
+    if parsed.structured:
+        full = project(scores, parsed, scores.numel() // 2)
+        assert bool((approx <= full).all())
+    assert int(project(scores, parsed, 0, exact=False).sum()) == 0

@@ -126,7 +126,12 @@ def test_solve_through_the_entry_needs_its_statistic() -> None:
         ("sparsegpt", {"variant": "paper", "refine_iterations": 5}, "refine_iterations: only used by"),
         ("sparsegpt", {"variant": "refit", "admm_rho": 2.0}, "admm_rho: only used by variant 'admm'"),
         ("sparsegpt", {"variant": "admm", "damp": 0.05}, "damp: only used by variants 'paper' and 'refit'"),
-        ("wanda", {"refit_precision": "float32"}, "refit_precision: only used by variant 'refit'"),
+        (
+            "wanda",
+            {"variant": "paper", "refit_precision": "float32"},
+            "refit_precision: only used by variant 'refit'",
+        ),
+        ("sparsegpt", {"damp": 0.05}, "damp: only used by variants 'paper' and 'refit'"),  # default: admm
     ],
 )
 def test_options_a_variant_ignores_are_refused(method: str, options: dict, message: str) -> None:
@@ -149,3 +154,31 @@ def test_dumped_requests_parse_again_and_paper_zero_iterations_still_pass() -> N
         "statistic": "norms",
         "variant": "paper",
     }
+
+
+def test_defaults_are_the_measured_best_and_the_papers_stay_one_option_away() -> None:
+    """Defaults (README "Benchmark"): SparseGPT runs ADMM (8 iterations, a 4-step re-fit), Wanda its
+    mask with the re-fit; `variant: paper` (or the older `refine_iterations: 0`) runs the papers'."""
+    sparsegpt = PruneRequest(model="m", method="sparsegpt", sparsity=0.5).method_options
+    assert METHODS["sparsegpt"].describe(sparsegpt) == {
+        "method": "sparsegpt",
+        "statistic": "hessian",
+        "variant": "admm",
+        "admm_iterations": 8,
+        "admm_rho": 1.0,
+        "refine_iterations": 4,
+        "refit_damp": 0.01,
+        "refit_precision": "auto",
+    }
+    wanda = PruneRequest(model="m", method="wanda", sparsity=0.5).method_options
+    assert METHODS["wanda"].describe(wanda)["variant"] == "refit"
+    assert METHODS["wanda"].statistic_of(wanda) == "hessian"
+    for method in ("sparsegpt", "wanda"):
+        for options in ({"variant": "paper"}, {"refine_iterations": 0}):
+            request = PruneRequest(model="m", method=method, sparsity=0.5, **{method: options})
+            assert METHODS[method].describe(request.method_options)["variant"] == "paper"
+            assert request.method_options.variant == "paper"  # the dumped request says so too
+    legacy = PruneRequest(
+        model="m", method="sparsegpt", sparsity=0.5, sparsegpt={"refine_iterations": 0, "damp": 0.05}
+    )
+    assert legacy.method_options.damp == 0.05

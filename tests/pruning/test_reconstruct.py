@@ -90,3 +90,20 @@ def test_bf16_steps_keep_the_mask_and_land_near_the_fp32_fit(pattern: str) -> No
     before, after, exact = (layer_error(dense, w, hessian) for w in (pruned, low, full))
     assert after < 0.9 * before  # the bf16 steps still fit
     assert after < 1.05 * exact  # and lose little against fp32 steps
+
+
+def test_rows_that_diverge_keep_the_solvers_weights() -> None:
+    """A fit that blows up (here: a Hessian with negative curvature on some rows' kept inputs, as
+    rounding can make of a badly scaled one) returns those rows as they came in, finite; rows
+    that converge are re-fitted as usual."""
+    dense, hessian = _problem(rows=8, cols=32, seed=4)
+    pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern())
+    broken = hessian.clone()
+    broken[:16, :16] = -100.0 * torch.eye(16)  # indefinite on the first 16 inputs
+    keep = pruned != 0
+    keep[4:, :16] = False  # rows 4.. keep no input of the broken part: their problem is definite
+    start = torch.where(keep, pruned, 0.0)
+    out = reconstruct_masked(dense, start, broken, 1e-3, 10, keep=keep)
+    assert bool(torch.isfinite(out).all())
+    assert torch.equal(out[:4], start[:4])  # diverged: kept as they came
+    assert not torch.equal(out[4:], start[4:])  # re-fitted

@@ -331,3 +331,15 @@ def test_in_place_factorisation_gives_the_same_bits() -> None:
         ours = sparsegpt_prune(weight, hessian, 0.5, parsed)
         theirs = sparsegpt_prune(weight, hessian, 0.5, parsed, prepared=reference)
         assert torch.equal(bits(ours), bits(theirs))
+
+
+def test_layer_error_on_strided_rows_estimates_the_exact_value(layer) -> None:
+    """max_rows: the traces over every k-th row, exact when the layer has no more rows than that."""
+    weight, hessian, _, _ = layer
+    pruned = sparsegpt_prune(weight, hessian, 0.5, Pattern())
+    exact = layer_error(weight, pruned, hessian)
+    assert layer_error(weight, pruned, hessian, max_rows=weight.shape[0]) == exact
+    stride = -(-weight.shape[0] // 8)
+    sampled = layer_error(weight[::stride], pruned[::stride], hessian)
+    assert layer_error(weight, pruned, hessian, max_rows=8) == sampled
+    assert sampled == pytest.approx(exact, rel=0.5)

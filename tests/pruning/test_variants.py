@@ -92,7 +92,7 @@ def test_variants_end_to_end_fit_closer_than_the_papers(tiny_llama, tmp_path, co
     runs = {
         "sparsegpt-paper": dict(method="sparsegpt", sparsegpt={"variant": "paper"}),
         "sparsegpt-admm": dict(method="sparsegpt", sparsegpt={"variant": "admm", "admm_iterations": 8}),
-        "wanda-paper": dict(method="wanda"),
+        "wanda-paper": dict(method="wanda", wanda={"variant": "paper"}),
         "wanda-refit": dict(method="wanda", wanda={"variant": "refit", "refit_precision": "bfloat16"}),
     }
     errors = {}
