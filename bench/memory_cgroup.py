@@ -40,6 +40,7 @@ DEFAULT_RUNS = [
     "wanda:unstructured",
     "magnitude:unstructured",
     "sparsegpt:2:4:--variant=paper",
+    "wanda:2:4:--variant=paper",
 ]
 
 
