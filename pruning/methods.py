@@ -194,7 +194,7 @@ class WandaOptions(Strict):
 @dataclass(frozen=True)
 class Method:
     name: str
-    statistic: Statistic
+    statistic: Statistic  # what the published algorithm reads; statistic_of(options) what a variant does
     solver: str  # module of shears.pruning.solvers
     summary: str
     options: type[Strict] | None = None  # the request's `<name>: {...}` block, if the method has one
@@ -205,8 +205,11 @@ class Method:
     def default_options(self) -> Strict | None:
         return self.options() if self.options is not None else None
 
-    def statistic_of(self, options: Any) -> Statistic:
-        """The statistic these options need (a variant may need more than the method's default)."""
+    def statistic_of(self, options: Any = None) -> Statistic:
+        """The statistic these options need (None: the default options'); a variant may need more
+        than `statistic`, the published algorithm's (Wanda's re-fit, the default, needs the Hessian)."""
+        if options is None:
+            options = self.default_options()
         return getattr(options, "statistic", None) or self.statistic
 
     def describe(self, options: Any) -> dict[str, Any]:

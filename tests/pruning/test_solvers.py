@@ -59,8 +59,12 @@ def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def run(
     method: str, weight: torch.Tensor, hessian: torch.Tensor, sq_norm: torch.Tensor, pattern: str, s: float
 ):
-    statistic = {"hessian": hessian, "norms": sq_norm, "none": None}[METHODS[method].statistic]
-    return solve(method, weight, sparsity=s, pattern=Pattern.parse(pattern), statistic=statistic)
+    """Wanda as published (these tests check its algorithm: kept weights untouched; the default re-fits,
+    tests/pruning/test_variants.py); SparseGPT with its default options; magnitude has none."""
+    options = METHODS["wanda"].options(variant="paper") if method == "wanda" else None
+    statistic = {"hessian": hessian, "norms": sq_norm, "none": None}[METHODS[method].statistic_of(options)]
+    parsed = Pattern.parse(pattern)
+    return solve(method, weight, sparsity=s, pattern=parsed, statistic=statistic, options=options)
 
 
 def expected_zeros(shape: tuple[int, int], pattern: Pattern, sparsity: float, method: str = "") -> int:
@@ -299,7 +303,8 @@ def test_argument_errors(layer) -> None:
         solve("obs", weight, sparsity=0.5, pattern=Pattern())
     with pytest.raises(ValueError, match="sparsegpt needs the layer's input statistic 'hessian'"):
         solve("sparsegpt", weight, sparsity=0.5, pattern=Pattern())
-    with pytest.raises(ValueError, match="wanda needs the layer's input statistic 'norms'"):
+    # Wanda's default re-fits: it needs the Hessian.
+    with pytest.raises(ValueError, match="wanda needs the layer's input statistic 'hessian'"):
         solve("wanda", weight, sparsity=0.5, pattern=Pattern())
 
 
