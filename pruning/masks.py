@@ -102,10 +102,16 @@ def satisfies_pattern(weight: Tensor, pattern: Pattern) -> bool:
     return bool((zeros >= pattern.m - pattern.n).all())
 
 
-def check_solver_args(weight: Tensor, sparsity: float, pattern: Pattern) -> None:
-    """The checks every solver makes: a finite 2-D weight, a sparsity the pattern agrees with."""
+def check_solver_args(
+    weight: Tensor, sparsity: float, pattern: Pattern, hessian: Tensor | None = None
+) -> None:
+    """The checks every solver makes: a finite 2-D weight, a sparsity the pattern agrees with, and
+    (solvers that read one) a Hessian of the weight's input width."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    cols = weight.shape[1]
+    if hessian is not None and hessian.shape != (cols, cols):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, the weight needs ({cols}, {cols})")
     check_pattern(tuple(weight.shape), pattern, "weight")
     if pattern.structured:
         if abs(sparsity - pattern.sparsity) > 1e-6:

@@ -161,12 +161,8 @@ def _quality_lines(data: dict[str, Any]) -> list[str]:
     header += ["other-domain ratio", "target"]
     lines = [_cells(*header), "| " + " | ".join(["---"] * 4 + ["---:"] * (3 * len(domains) + 2)) + " |"]
     for row in data["rows"]:
-        entries = [("default", row["shears"], row["ppl_ratio"], row["other_domain_ratio"])]
-        entries += [
-            (name, v["result"], v["ppl_ratio"], v["other_domain_ratio"])
-            for name, v in row["variants"].items()
-        ]
-        for name, result, ratios, other in entries:
+        for name, result, ratios_of in _runs(row):
+            ratios, other = ratios_of["ppl_ratio"], ratios_of["other_domain_ratio"]
             cells: list[object] = [row["calibration"], row["method"], row["pattern"], name]
             for domain in domains:
                 cells += [
@@ -181,6 +177,12 @@ def _quality_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _runs(row: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """A row's Shears runs: (name, result, the record holding its ratios), the default first."""
+    runs = [("default", row["shears"], row)]
+    return runs + [(name, v["result"], v) for name, v in row["variants"].items()]
+
+
 def _cost_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         "| calibrated on | method | pattern | Shears variant | prune s Shears | prune s peer | time ratio "
@@ -189,7 +191,7 @@ def _cost_lines(data: dict[str, Any]) -> list[str]:
     ]
     for row in data["rows"]:
         theirs = row["peer"]
-        entries = [("default", row["shears"])] + [(n, v["result"]) for n, v in row["variants"].items()]
+        entries = [(name, result) for name, result, _ in _runs(row)]
         for name, ours in entries:
             lines.append(
                 _cells(
@@ -304,12 +306,10 @@ def ratio_lines(data: dict[str, Any]) -> list[str]:
     head = ("calibrated on", "method", "pattern", "variant", "same", "other", "time")
     lines = [f"{head[0]:<13} {head[1]:<10} {head[2]:<13} {head[3]:<9} {head[4]:>7} {head[5]:>7} {head[6]:>6}"]
     for row in data["rows"]:
-        entries = [("default", row["same_domain_ratio"], row["other_domain_ratio"], row["time_ratio"])]
-        entries += [
-            (n, v["same_domain_ratio"], v["other_domain_ratio"], v["time_ratio"])
-            for n, v in row["variants"].items()
-        ]
-        for name, same, other, time_ratio in entries:
+        for name, _, ratios_of in _runs(row):
+            same, other, time_ratio = (
+                ratios_of[k] for k in ("same_domain_ratio", "other_domain_ratio", "time_ratio")
+            )
             lines.append(
                 f"{row['calibration']:<13} {row['method']:<10} {row['pattern']:<13} {name:<9} "
                 f"{_num(same, 3):>7} {_num(other, 3):>7} {_num(time_ratio, 3):>6}"

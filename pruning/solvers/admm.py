@@ -159,10 +159,8 @@ def admm_prune(
     `trace`, if given, receives the damped objective tr(dW Hd dW^T) after the ADMM phase and after
     each CG step (non-increasing: CG minimises the quadratic over a growing subspace).
     """
-    check_solver_args(weight, sparsity, pattern)
+    check_solver_args(weight, sparsity, pattern, hessian)
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, the weight needs ({cols}, {cols})")
     if iterations < 1:
         raise ValueError(f"iterations must be positive, got {iterations}")
     device = weight.device

@@ -147,10 +147,8 @@ def sparsegpt_prune(
     N:M: M-N zeros in every group of M consecutive input weights of a row, chosen group by group.
     Inputs that never fired (diag H == 0) get their weight column zeroed, which may add zeros.
     """
-    check_solver_args(weight, sparsity, pattern)
+    check_solver_args(weight, sparsity, pattern, hessian)
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, the weight needs ({cols}, {cols})")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if pattern.structured:  # a group of M must not straddle two blocks

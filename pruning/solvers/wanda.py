@@ -54,7 +54,7 @@ def solve(
     if options is None or not options.refits:
         norms = statistic if statistic.dim() == 1 else statistic.diagonal()
         return wanda_prune(weight, norms, sparsity, pattern)
-    check_solver_args(weight, sparsity, pattern)
+    check_solver_args(weight, sparsity, pattern, statistic)
     hessian = statistic.detach().to(device=weight.device, dtype=torch.float32)
     pruned = prune_mask(wanda_scores(weight, hessian.diagonal()), sparsity, pattern, per_row=True)
     damping = options.refit_damp * float(hessian.diagonal().mean()) or options.refit_damp
