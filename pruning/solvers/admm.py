@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
+from shears.pruning.linalg import cholesky_inverse_
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
@@ -48,10 +49,9 @@ class PreparedADMM:
     inverse: Tensor  # F = (D^-1 Hd D^-1 + rho I)^-1, [K, K] fp32 (symmetric)
     rho: float
     damping: float  # the absolute value added to H's diagonal
-    # F in bf16 for the iterations' product, if asked for. Jobs do not ask: in these scaled coordinates
-    # a model's massive activations (SmolLM2 block 11's down_proj) span 1e5 x, and bf16's 2^-8
-    # relative error on the large entries swamps the small ones (measured: a broken model).
-    low_precision: Tensor | None = None
+    # No bf16 copy of F for the iterations' product: in these scaled coordinates a model's massive
+    # activations (SmolLM2 block 11's down_proj) span 1e5 x, and bf16's 2^-8 relative error on the
+    # large entries swamps the small ones (measured 2026-11-30: a broken model, ppl 49,152).
 
 
 @torch.no_grad()
@@ -60,7 +60,6 @@ def prepare_admm(
     damp: float,
     rho: float,
     device: torch.device | None = None,
-    matmul_dtype: torch.dtype = torch.float32,
 ) -> PreparedADMM:
     """Factorise once per Hessian; `damp` is relative to mean(diag H) (as SparseGPT's)."""
     if rho <= 0:
@@ -82,11 +81,10 @@ def prepare_admm(
             matrix.diagonal().add_(shift)
             _, info = torch.linalg.cholesky_ex(matrix, out=(matrix, torch.empty((), dtype=torch.int32)))
             if int(info) == 0:
-                torch.cholesky_inverse(matrix, out=matrix)
+                cholesky_inverse_(matrix)  # in place at GEMM speed (LAPACK's potri: ~10x slower)
                 if shift != rho:
                     log.warning("ADMM: the shifted Hessian needed rho %g (asked for %g)", shift, rho)
-                low = matrix.to(matmul_dtype) if matmul_dtype != torch.float32 else None
-                return PreparedADMM(scale, matrix, shift, damping, low)
+                return PreparedADMM(scale, matrix, shift, damping)
             del matrix
             shift *= 10
     raise RuntimeError(
@@ -102,7 +100,7 @@ def sparsity_ramp(iteration: int, ramp: int, sparsity: float) -> float:
     return sparsity * (1.0 - (1.0 - iteration / ramp) ** 3)
 
 
-RAMP_SAMPLE = 1 << 18  # scores a ramp step's threshold is estimated from (an exact one: a full select)
+RAMP_SAMPLE = 1 << 18  # scores a step's threshold is estimated from (the last step's: a full selection)
 
 
 def project(scores: Tensor, pattern: Pattern, zeros: int, *, exact: bool = True) -> Tensor:
@@ -111,9 +109,10 @@ def project(scores: Tensor, pattern: Pattern, zeros: int, *, exact: bool = True)
     Unstructured: the lowest `zeros` of the layer. N:M: only the M-N lowest of each group of M are
     candidates, and the lowest `zeros` candidates are pruned; at zeros = numel * (M-N)/M that is the
     full N:M mask, below it an N:M mask on part of the groups (the tightening ramp of N:M).
-    `exact=False` (a step of the ramp, whose count only needs to be about right): on a large layer
-    the threshold is the quantile of an evenly strided sample of RAMP_SAMPLE scores, not a
-    selection over all of them (a third of ADMM's time at K = 2048); deterministic all the same.
+    `exact=False` (any step but the last, whose count only needs to be about right: the sample's
+    quantile is within ~0.1% of it): on a large layer the threshold is the quantile of an evenly
+    strided sample of RAMP_SAMPLE scores, not a selection over all of them (a third of ADMM's time
+    at K = 2048); deterministic all the same. Only the last step's mask, the one kept, is exact.
     """
     rows, cols = scores.shape
     candidates = None
@@ -176,13 +175,13 @@ def admm_prune(
         for step in range(1, iterations + 1):
             # Z - U - W0 = sign * V - W0 (sign +1 on kept entries, -1 on pruned ones).
             residual = torch.where(pruned, -state, state).sub_(dense)
-            update = _times_inverse(residual, prepared)
+            update = residual @ prepared.inverse
             del residual
             solution = torch.add(dense, update, alpha=prepared.rho)  # W
             del update
             state = solution.add_(state.masked_fill_(~pruned, 0.0))  # V = W + U, U = V on pruned entries
             zeros = round(sparsity_ramp(step, ramp, target) * numel)
-            pruned = project(state.abs(), pattern, zeros, exact=step >= ramp)
+            pruned = project(state.abs(), pattern, zeros, exact=step == iterations)
         # The last Z (V on the kept entries) starts the fit, back in the weight's coordinates.
         start = state.masked_fill_(pruned, 0.0).div_(scale)
         del state, dense
@@ -202,13 +201,6 @@ def admm_prune(
     if not bool(torch.isfinite(result).all()):
         raise RuntimeError("ADMM produced non-finite weights; the layer's Hessian is degenerate")
     return result.to(weight.dtype).add_(0.0).contiguous()  # -0.0 -> +0.0
-
-
-def _times_inverse(x: Tensor, prepared: PreparedADMM) -> Tensor:
-    """x F; in bf16 (fp32 accumulation) when the prepared factor has a low-precision copy."""
-    if prepared.low_precision is None:
-        return x @ prepared.inverse
-    return (x.to(prepared.low_precision.dtype) @ prepared.low_precision).to(torch.float32)
 
 
 @torch.no_grad()

@@ -101,3 +101,23 @@ def test_tf32_setting_is_restored() -> None:
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = original
+
+
+def test_hessian_over_panels_is_the_full_product_and_exactly_symmetric() -> None:
+    """The lower-triangle panel updates (PANEL columns) give x^T x across panel edges, every batch."""
+    from shears.pruning.stats import PANEL
+
+    columns = PANEL + 37  # a partial last panel
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, columns, generator=g, dtype=torch.float64).float() for n in (50, 7, 120)]
+    acc = HessianAccumulator(columns, "cpu")
+    for i, x in enumerate(batches):
+        acc.add(x)
+        if i == 0:
+            first = acc.hessian.clone()  # read between batches: the mirror, then more lower updates
+    every = torch.cat(batches).double()
+    expected = (2.0 / every.shape[0]) * every.T @ every
+    torch.testing.assert_close(acc.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(acc.hessian, acc.hessian.T)
+    x0 = batches[0].double()
+    torch.testing.assert_close(first.double(), (2.0 / 50) * x0.T @ x0, rtol=1e-5, atol=1e-5)
