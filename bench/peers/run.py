@@ -33,9 +33,12 @@ from bench.peers import report
 from bench.peers.domains import DomainWindows, describe, domain_windows
 from bench.peers.measure import parameter_count, pruned_weight_names
 from bench.peers.tools import (
+    VARIANT_NAMES,
+    VARIANTS,
     Job,
     ToolResult,
     import_floor,
+    parse_scaling_run,
     peer_import_argv,
     run_peer,
     run_shears,
@@ -47,14 +50,6 @@ DEFAULT_PEER_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
 DEFAULT_VLLM_PYTHON = REPO / "bench" / ".venv-vllm" / "bin" / "python"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 Domain = Literal["shakespeare", "gsm8k"]
-
-# Shears-only variants run next to each method's default (sparsegpt: admm; wanda: refit): the papers'
-# algorithms (what llm-compressor runs) and the other solvers, one option away.
-VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sparsegpt": {"paper": ("--variant", "paper"), "refit": ("--variant", "refit")},
-    "wanda": {"paper": ("--variant", "paper")},
-}
-VARIANT_NAMES = sorted({name for variants in VARIANTS.values() for name in variants})
 
 
 class BenchConfig(BaseModel):
@@ -97,7 +92,9 @@ class BenchConfig(BaseModel):
     scaling_ffn_ratio: Annotated[int, Field(ge=1)] = 4
     scaling_samples: Annotated[int, Field(ge=1)] = 16
     scaling_runs: list[str] = Field(
-        ["sparsegpt:unstructured", "wanda:unstructured"], description="'method:pattern' timed at each width"
+        ["sparsegpt:unstructured", "wanda:unstructured"],
+        description="'method:pattern[:variant]' timed at each width (a variant of VARIANTS: Shears runs it, "
+        "the peer's time is the default run's at that width, or its own run if none)",
     )
 
     @property
@@ -112,6 +109,16 @@ class BenchConfig(BaseModel):
         outside = sorted(set(self.calibrate_on or []) - set(self.domains))
         if outside:
             raise ValueError(f"calibrate_on {outside} is not among the domains {self.domains}")
+        from shears.pattern import Pattern
+
+        for spec in self.scaling_runs:
+            method, pattern, _ = parse_scaling_run(spec)
+            if method not in ("sparsegpt", "wanda", "magnitude"):
+                raise ValueError(f"scaling run {spec!r}: unknown method {method!r}")
+            try:
+                Pattern.parse(pattern)
+            except ValueError as error:
+                raise ValueError(f"scaling run {spec!r}: {error}") from None
         return self
 
     @property
@@ -399,12 +406,17 @@ class Bench:
                 tokenizer_from=self.dense,
             )
             names = pruned_weight_names(folder)
+            peers: dict[tuple[str, str], ToolResult] = {}  # one peer run per method and pattern
             for spec in config.scaling_runs:
-                method, pattern = spec.split(":", 1)
+                method, pattern, variant = parse_scaling_run(spec)
                 job = self._job(method, pattern, folder, calib, config.scaling_samples)
                 name = _slug("scaling", f"h{hidden}", method, pattern)
+                if variant != "default":
+                    job = dataclasses.replace(job, shears_flags=VARIANTS[method][variant])
+                    name = _slug(name, variant)
                 shears = self._run("shears", job, name, names, False)
-                peer = self._run("peer", job, name, names, False)
+                peer = peers.get((method, pattern)) or self._run("peer", job, name, names, False)
+                peers[method, pattern] = peer
                 self.data["scaling"]["points"].append(
                     {
                         "hidden": hidden,
@@ -413,6 +425,7 @@ class Bench:
                         "parameters": parameter_count(folder),
                         "method": method,
                         "pattern": pattern,
+                        "variant": variant,
                         "shears": shears.to_dict(),
                         "peer": peer.to_dict(),
                         "time_ratio": report.ratio(shears.prune_s, peer.prune_s),

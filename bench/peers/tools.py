@@ -29,6 +29,26 @@ SHEARS_PRUNE_PHASES = ("calibrating", "pruning")
 Status = Literal["ok", "not_offered", "failed"]
 
 
+# Shears-only variants run next to each method's default (sparsegpt: admm; wanda: refit): the papers'
+# algorithms (what llm-compressor runs) and the other solvers, one option away.
+VARIANTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sparsegpt": {"paper": ("--variant", "paper"), "refit": ("--variant", "refit")},
+    "wanda": {"paper": ("--variant", "paper")},
+}
+VARIANT_NAMES = sorted({name for variants in VARIANTS.values() for name in variants})
+
+
+def parse_scaling_run(spec: str) -> tuple[str, str, str]:
+    """'method:pattern[:variant]' -> (method, pattern, variant or 'default'); N:M patterns hold a ':'."""
+    method, _, rest = spec.partition(":")
+    pattern, _, last = rest.rpartition(":")
+    if last in VARIANTS.get(method, {}):
+        return method, pattern, last
+    if not rest:
+        raise ValueError(f"scaling run {spec!r}: expected 'method:pattern[:variant]'")
+    return method, rest, "default"
+
+
 @dataclass
 class ToolResult:
     tool: str

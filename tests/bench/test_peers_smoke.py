@@ -48,7 +48,7 @@ def bench_data(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         scaling_widths=[64],
         scaling_layers=1,
         scaling_samples=2,
-        scaling_runs=["sparsegpt:unstructured"],
+        scaling_runs=["sparsegpt:unstructured", "sparsegpt:unstructured:paper"],
     )
     return run_benchmark(config), root
 
@@ -192,6 +192,15 @@ def test_result_files(bench_data: tuple[dict, Path]) -> None:
     )
     for png in ("peers-smoke.png", "peers-smoke-scaling.png"):
         assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    [point] = on_disk["scaling"]["points"]
+    point, paper = on_disk["scaling"]["points"]
     assert point["hidden"] == 64 and point["shears"]["status"] == "ok" and point["shears"]["sparsity"] > 0.49
-    assert (point["method"], point["pattern"]) == ("sparsegpt", "unstructured")
+    assert (point["method"], point["pattern"], point["variant"]) == ("sparsegpt", "unstructured", "default")
+    # A variant point: Shears ran the variant's flags; the peer's run at that width is reused.
+    assert paper["variant"] == "paper" and paper["shears"]["status"] == "ok"
+    assert "--variant" in paper["shears"]["details"]["argv"]
+    assert "--variant" not in point["shears"]["details"]["argv"]
+    assert paper["peer"] == point["peer"]
+    assert "| sparsegpt | unstructured | paper |" in markdown
+    from bench.peers import report
+
+    assert report.summary([], on_disk["scaling"])["time"]["of"] == 1  # the variant is not judged
