@@ -1,13 +1,18 @@
 """`make bench-memory`: does every method prune a model inside a memory cgroup of half its size?
 
 The engine promises one decoder block in memory at a time; this holds it to a number. A random-weight
-Llama (default: hidden 2048, 12 layers, intermediate 5632, 742 M parameters, 3.0 GB in fp32) is
+Llama (default: hidden 2048, 12 layers, intermediate 5632, 717 M parameters, 2.87 GB in fp32) is
 pruned by `shears prune` with each method, pattern and variant, each run a child process moved into
 its own cgroup v1 memory controller (/sys/fs/cgroup/memory/<name>) whose memory.limit_in_bytes is
 `--fraction` (default 0.5) of the checkpoint's bytes. A run fits if it exits 0; the kernel's OOM
-killer ends one that does not (exit -9 / 137, memory.failcnt > 0). Peak RSS is the child's
-ru_maxrss (bench.peers.measure.run_child); page cache from reading the checkpoint is charged to the
-cgroup too but is reclaimed before any OOM kill, so it does not decide the verdict.
+killer ends one that does not (exit -9 / 137, memory.failcnt > 0). Three numbers per run:
+- peak anonymous MiB: the largest `total_rss` of the cgroup's memory.stat, sampled every 0.2 s: the
+  process's own heap and tensors, what the limit really bounds;
+- cgroup max usage: memory.max_usage_in_bytes, anonymous memory plus the page cache of the
+  checkpoint reads (reclaimed before any OOM kill, so it sits at the limit without deciding anything);
+- peak RSS: the child's ru_maxrss (bench.peers.measure.run_child). It can exceed the limit: it also
+  counts the mapped pages of torch's shared libraries, which are charged to the cgroup of the process
+  that first read them (the harness), not to this one.
 
 Needs root and the cgroup v1 memory hierarchy (mkdir under /sys/fs/cgroup/memory/, write
 memory.limit_in_bytes, move the process into cgroup.procs). Results: bench/results/memory-<tag>.json, .md.
@@ -22,6 +27,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +81,43 @@ def memory_cgroup(name: str, limit_bytes: int, root: Path = CGROUP_ROOT) -> Iter
 def in_cgroup(group: Path, argv: list[str]) -> list[str]:
     """argv run by a shell that first moves itself into `group` (so only the tool is charged)."""
     return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$@"', "sh", *argv]
+
+
+def anonymous_bytes(memory_stat: str) -> int:
+    """The cgroup's anonymous memory (and its children's) from a cgroup v1 memory.stat text."""
+    for line in memory_stat.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "total_rss":
+            return int(value)
+    raise ValueError("memory.stat has no total_rss line (not a cgroup v1 memory controller?)")
+
+
+class AnonymousPeak:
+    """Samples a cgroup's anonymous memory every `interval` seconds in a thread; `peak` is the largest."""
+
+    def __init__(self, group: Path, interval: float = 0.2) -> None:
+        self.stat = group / "memory.stat"
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak, anonymous_bytes(self.stat.read_text()))
+            except OSError:  # the group is going away
+                return
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> AnonymousPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -131,8 +174,10 @@ def run_one(folder: Path, spec: str, limit: int, work: Path, *, samples: int, se
         str(out),
     ]
     with memory_cgroup(f"shears-bench-{os.getpid()}-{slug}", limit) as group:
-        run = run_child(in_cgroup(group, argv), work / "logs" / f"{slug}.log", env=child_env())
+        with AnonymousPeak(group) as anonymous:
+            run = run_child(in_cgroup(group, argv), work / "logs" / f"{slug}.log", env=child_env())
         failcnt = int((group / "memory.failcnt").read_text())
+        oom_control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
         max_usage = int((group / "memory.max_usage_in_bytes").read_text())
     result = {
         "run": spec,
@@ -142,8 +187,10 @@ def run_one(folder: Path, spec: str, limit: int, work: Path, *, samples: int, se
         "fits": run.returncode == 0,
         "exit": run.returncode,
         "peak_rss_mb": round(run.peak_rss_mb, 1),
+        "peak_anonymous_mb": round(anonymous.peak / 2**20, 1),
         "cgroup_max_usage_mb": round(max_usage / 2**20, 1),
         "cgroup_failcnt": failcnt,
+        "oom_kills": int(oom_control.get("oom_kill", -1)),  # -1: a kernel before 4.13 does not count
         "wall_s": round(run.wall_s, 1),
         "argv": argv,
     }
@@ -170,14 +217,24 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['limit_bytes'] / 2**20:.0f} MiB (cgroup v1 memory.limit_in_bytes, no swap). Calibration: "
         f"{data['samples']} x {data['seqlen']} tokens of the built-in corpus. Machine: {data['machine']}.",
         "",
-        "| run | fits | exit | peak RSS MiB | cgroup max usage MiB (incl. page cache) | wall s |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| run | variant | fits | exit | peak anonymous MiB | cgroup max usage MiB (incl. page cache) "
+        "| peak RSS MiB | wall s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in data["results"]:
+        anonymous = r.get("peak_anonymous_mb")  # not sampled before 2026-12-01
         lines.append(
-            f"| {r['run']} | {'yes' if r['fits'] else 'NO'} | {r['exit']} | {r['peak_rss_mb']:.0f} | "
-            f"{r['cgroup_max_usage_mb']:.0f} | {r['wall_s']:.0f} |"
+            f"| {r['run']} | {(r.get('variant') or {}).get('variant', '')} | {'yes' if r['fits'] else 'NO'} "
+            f"| {r['exit']} | {'' if anonymous is None else f'{anonymous:.0f}'} | "
+            f"{r['cgroup_max_usage_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
         )
+    lines += [
+        "",
+        "Peak anonymous: the cgroup's largest memory.stat total_rss, sampled every 0.2 s (the process's "
+        "own memory, what the limit bounds). Cgroup max usage adds the page cache of the checkpoint "
+        "reads, reclaimed before any OOM kill. Peak RSS (ru_maxrss) also counts torch's shared "
+        "libraries, mapped from pages charged to the harness's cgroup, so it can exceed the limit.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bench-memory: needs root and the cgroup v1 memory controller at {CGROUP_ROOT}", file=sys.stderr
         )
         return 2
+    from bench.peers.run import machine_info
     from bench.peers.synthetic import synthetic_llama
     from shears.pruning.config import EngineOptions
     from shears.pruning.models import resolve_model
@@ -215,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = int(args.fraction * size)
     data: dict[str, Any] = {
         "date": args.tag or dt.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} cores, loadavg {[round(x, 2) for x in os.getloadavg()]}",
+        "machine": f"{machine_info()['cpu']}, {os.cpu_count()} cores, "
+        f"loadavg {[round(x, 2) for x in os.getloadavg()]}",
         "model": {
             "hidden": args.hidden,
             "layers": args.layers,

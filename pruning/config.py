@@ -174,7 +174,22 @@ class _Request(Strict):
                 raise ValueError("OWL layer-wise sparsity applies to unstructured patterns only")
         if len(set(self.verify_runtimes)) != len(self.verify_runtimes):
             raise ValueError("verify_runtimes names a runtime twice")
+        if self.error_correction is not None:
+            self._check_correction()
         return self
+
+    def _check_correction(self) -> None:
+        """Error correction re-aims a Hessian solve: refused, not silently skipped, where none runs."""
+        entry = METHODS.get(self.method)
+        statistic = entry.statistic_of(self.method_options) if entry is not None else "none"
+        if statistic != "hessian":
+            raise ValueError(
+                f"error_correction needs a method that solves with the Hessian (sparsegpt, or wanda with "
+                f"its re-fit); method {self.method!r} as configured uses {statistic!r}: remove "
+                "error_correction or choose such a method"
+            )
+        if self.true_sequential:
+            raise ValueError("error_correction does not combine with true_sequential: choose one")
 
     def _check_structure_only(self) -> None:
         """method 'none': structured pruning alone, so every sparsity setting is a mistake."""

@@ -62,7 +62,7 @@ SPARSEGPT_DEFAULTS = {
     "block_size": 128,
     "damp": 0.01,
     "refine_iterations": 4,
-    "refit_damp": 0.01,
+    "refit_damp": 0.3,
     "refit_precision": "auto",
     "admm_iterations": 8,
     "admm_rho": 1.0,

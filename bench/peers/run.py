@@ -254,10 +254,7 @@ class Bench:
                 "device": "cpu",
                 "shears_compute_dtype": config.compute_dtype,
                 "peer_compute_dtype": "float32",
-                "shears_variants": {
-                    m: {k: list(v) for k, v in vs.items() if k in config.variants}
-                    for m, vs in VARIANTS.items()
-                },
+                "shears_variants": variants_run(config, rows=True, scaling=True),
                 "peer_modifiers": "SparseGPTModifier / WandaPruningModifier targeting the decoder "
                 "blocks; MagnitudePruningModifier (init = final sparsity) with its "
                 "mask applied at finalize (see run_llmcompressor.py)",
@@ -454,11 +451,26 @@ class Bench:
         print("targets met: " + ", ".join(f"{k} {v['met']}/{v['of']}" for k, v in summary.items()))
 
 
+def variants_run(config: BenchConfig, *, rows: bool, scaling: bool) -> dict[str, dict[str, list[str]]]:
+    """The Shears variants a run uses, with their flags: next to each row's default, and in the sweep."""
+    used: dict[str, set[str]] = {}
+    if rows:
+        for method in config.methods:
+            used.setdefault(method, set()).update(v for v in config.variants if v in VARIANTS.get(method, {}))
+    if scaling and config.scaling_widths:
+        for spec in config.scaling_runs:
+            method, _, variant = parse_scaling_run(spec)
+            if variant != "default":
+                used.setdefault(method, set()).add(variant)
+    return {m: {v: list(VARIANTS[m][v]) for v in sorted(names)} for m, names in used.items() if names}
+
+
 def run_benchmark(config: BenchConfig, *, rows: bool = True, scaling: bool = True) -> dict[str, Any]:
     bench = Bench(config)
     if not config.peer_available:
         bench.log(f"no peer venv at {config.peer_python}: Shears side only")
     bench.prepare()
+    bench.data["settings"]["shears_variants"] = variants_run(config, rows=rows, scaling=scaling)
     if rows:
         bench.run_rows()
     if scaling:

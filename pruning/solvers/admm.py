@@ -32,12 +32,13 @@ from torch import Tensor
 
 from shears.pattern import Pattern
 from shears.pruning.linalg import cholesky_inverse_
-from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
+from shears.pruning.masks import SAMPLE_SIZE, check_solver_args, lowest_k_mask, nm_group_mask, sample_of
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
 
+CHUNK_ROWS = 512  # rows of an iteration's temporaries: 11 MiB of fp32 at K = 5632
 RHO_RETRIES = 4  # rho, 10x, ... if the shifted matrix fails Cholesky (it should not: Hd is definite)
 
 
@@ -100,9 +101,6 @@ def sparsity_ramp(iteration: int, ramp: int, sparsity: float) -> float:
     return sparsity * (1.0 - (1.0 - iteration / ramp) ** 3)
 
 
-RAMP_SAMPLE = 1 << 18  # scores a step's threshold is estimated from (the last step's: a full selection)
-
-
 def project(scores: Tensor, pattern: Pattern, zeros: int, *, exact: bool = True) -> Tensor:
     """Mask (True = pruned) of exactly `zeros` entries of a [rows, K] score matrix, lowest first.
 
@@ -110,9 +108,9 @@ def project(scores: Tensor, pattern: Pattern, zeros: int, *, exact: bool = True)
     candidates, and the lowest `zeros` candidates are pruned; at zeros = numel * (M-N)/M that is the
     full N:M mask, below it an N:M mask on part of the groups (the tightening ramp of N:M).
     `exact=False` (any step but the last, whose count only needs to be about right: the sample's
-    quantile is within ~0.1% of it): on a large layer the threshold is the quantile of an evenly
-    strided sample of RAMP_SAMPLE scores, not a selection over all of them (a third of ADMM's time
-    at K = 2048); deterministic all the same. Only the last step's mask, the one kept, is exact.
+    quantile is within ~0.1% of it): on a large layer the threshold is the quantile of a uniform
+    sample of SAMPLE_SIZE scores (masks.sample_of, fixed seed), not a selection over all of them (a
+    third of ADMM's time at K = 2048). Only the last step's mask, the one kept, is exact.
     """
     rows, cols = scores.shape
     candidates = None
@@ -123,11 +121,11 @@ def project(scores: Tensor, pattern: Pattern, zeros: int, *, exact: bool = True)
             return candidates
         scores = torch.where(candidates, scores, torch.inf)
     flat = scores.reshape(-1)
-    if exact or flat.numel() <= 2 * RAMP_SAMPLE:
+    if exact or flat.numel() <= 2 * SAMPLE_SIZE:
         return lowest_k_mask(flat, zeros, dim=0).reshape(rows, cols)
     if zeros == 0:
         return torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
-    sample = flat[:: flat.numel() // RAMP_SAMPLE]
+    sample = sample_of(flat)
     rank = min(max(round(zeros * sample.numel() / flat.numel()), 1), sample.numel())
     threshold = torch.kthvalue(sample, rank).values
     below = scores <= threshold
@@ -173,13 +171,17 @@ def admm_prune(
         state = dense.clone()  # V = W + U; at the start W = W0 and U = 0
         pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
         for step in range(1, iterations + 1):
-            # Z - U - W0 = sign * V - W0 (sign +1 on kept entries, -1 on pruned ones).
-            residual = torch.where(pruned, -state, state).sub_(dense)
-            update = residual @ prepared.inverse
-            del residual
-            solution = torch.add(dense, update, alpha=prepared.rho)  # W
-            del update
-            state = solution.add_(state.masked_fill_(~pruned, 0.0))  # V = W + U, U = V on pruned entries
+            # Rows are independent given the mask, so the step's temporaries are CHUNK_ROWS rows at a
+            # time: a layer costs W0 and V, not four [rows, K] buffers (the memory cgroup benchmark).
+            for start in range(0, rows, CHUNK_ROWS):
+                kept_rows = slice(start, start + CHUNK_ROWS)
+                chunk, mask = state[kept_rows], pruned[kept_rows]
+                # Z - U - W0 = sign * V - W0 (sign +1 on kept entries, -1 on pruned ones).
+                residual = torch.where(mask, -chunk, chunk).sub_(dense[kept_rows])
+                solution = torch.add(dense[kept_rows], residual @ prepared.inverse, alpha=prepared.rho)  # W
+                del residual
+                chunk.copy_(solution.add_(chunk.masked_fill_(~mask, 0.0)))  # V = W + U, U = V where pruned
+                del solution
             zeros = round(sparsity_ramp(step, ramp, target) * numel)
             pruned = project(state.abs(), pattern, zeros, exact=step == iterations)
         # The last Z (V on the kept entries) starts the fit, back in the weight's coordinates.

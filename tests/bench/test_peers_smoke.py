@@ -204,3 +204,20 @@ def test_result_files(bench_data: tuple[dict, Path]) -> None:
     from bench.peers import report
 
     assert report.summary([], on_disk["scaling"])["time"]["of"] == 1  # the variant is not judged
+
+
+def test_the_variants_listed_are_the_variants_run() -> None:
+    from bench.peers.run import BenchConfig, variants_run
+
+    config = BenchConfig(
+        methods=["sparsegpt", "wanda"],
+        variants=["paper", "refit"],
+        scaling_runs=["sparsegpt:unstructured", "wanda:2:4:paper"],
+        peer_python=None,
+        vllm_python=None,
+    )
+    assert variants_run(config, rows=False, scaling=True) == {"wanda": {"paper": ["--variant", "paper"]}}
+    assert variants_run(config, rows=True, scaling=False) == {
+        "sparsegpt": {"paper": ["--variant", "paper"], "refit": ["--variant", "refit"]},
+        "wanda": {"paper": ["--variant", "paper"]},  # Wanda has no 'refit' variant to run
+    }

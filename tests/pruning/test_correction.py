@@ -125,3 +125,24 @@ def test_a_routed_linear_falls_back_to_the_plain_fit() -> None:
         paired.after_batch()
     accumulator = paired.of("expert")
     assert isinstance(accumulator, CorrectionAccumulator) and accumulator.paired
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"method": "wanda", "wanda": {"variant": "paper"}}, "'norms'"),
+        ({"method": "magnitude"}, "'magnitude'"),
+        ({"method": "sparsegpt", "true_sequential": True}, "true_sequential"),
+    ],
+)
+def test_correction_where_no_hessian_solve_runs_is_refused_not_skipped(fields: dict, named: str) -> None:
+    """Error correction re-aims a Hessian solve; a request where none runs is told so (it was once
+    skipped in silence: a 'corrected' job identical to a plain one)."""
+    from pydantic import ValidationError
+
+    from shears.pruning.config import PruneRequest
+
+    with pytest.raises(ValidationError, match="error_correction") as refused:
+        PruneRequest(model="m", sparsity=0.5, error_correction={}, **fields)
+    assert named in str(refused.value)
+    PruneRequest(model="m", sparsity=0.5, error_correction={}, method="wanda")  # the re-fit: a Hessian solve

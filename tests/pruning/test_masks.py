@@ -8,10 +8,14 @@ from hypothesis import strategies as st
 from shears.errors import InvalidRequest
 from shears.pattern import Pattern
 from shears.pruning.masks import (
+    EXACT_BELOW,
     achieved_sparsity,
     apply_mask,
     check_pattern,
+    kth_smallest,
+    lowest_k_mask,
     prune_mask,
+    sample_of,
     satisfies_pattern,
 )
 
@@ -147,3 +151,29 @@ def test_achieved_sparsity_and_pattern_check() -> None:
     lopsided = torch.tensor([[5.0, 1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 4.0]])
     assert satisfies_pattern(lopsided, Pattern.parse("4:8"))
     assert not satisfies_pattern(lopsided, Pattern.parse("2:4"))
+
+
+@pytest.mark.parametrize("fraction", [1e-6, 0.3, 0.5, 0.999])
+def test_kth_smallest_of_a_long_tensor_is_kthvalue(fraction: float) -> None:
+    """Above EXACT_BELOW the sample-bracketed selection returns kthvalue's value, ties and infinities
+    included, so a large layer's mask is the one a full selection gives."""
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randint(0, 50_000, (EXACT_BELOW + 12_345,), generator=generator).float()  # many ties
+    values[::97] = torch.inf
+    k = max(1, round(fraction * values.numel()))
+    assert torch.equal(kth_smallest(values, k), torch.kthvalue(values, k).values)
+    mask = lowest_k_mask(values, k, dim=0)
+    assert int(mask.sum()) == k
+    assert float(values[mask].max()) <= float(values[~mask].min())
+
+
+def test_sample_of_is_fixed_and_not_aliased_with_the_row_length() -> None:
+    """A stride that divides the row length would sample one column in 11 (all of scale 1 here, the
+    rest of scale 100); the uniform sample sees the columns in their proportions, every time."""
+    rows, cols = 512, 5632
+    scale = torch.full((cols,), 100.0)
+    scale[::11] = 1.0
+    flat = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(6)) * scale).reshape(-1)
+    assert torch.equal(sample_of(flat), sample_of(flat))
+    small = float((sample_of(flat) <= 1.0).float().mean())
+    assert abs(small - (1 / 11 + 10 / 11 / 100)) < 0.01

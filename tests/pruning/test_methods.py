@@ -167,11 +167,18 @@ def test_defaults_are_the_measured_best_and_the_papers_stay_one_option_away() ->
         "admm_iterations": 8,
         "admm_rho": 1.0,
         "refine_iterations": 4,
-        "refit_damp": 0.01,
+        "refit_damp": 0.3,
         "refit_precision": "auto",
     }
     wanda = PruneRequest(model="m", method="wanda", sparsity=0.5).method_options
-    assert METHODS["wanda"].describe(wanda)["variant"] == "refit"
+    assert METHODS["wanda"].describe(wanda) == {
+        "method": "wanda",
+        "statistic": "hessian",
+        "variant": "refit",
+        "refine_iterations": 4,
+        "refit_damp": 0.1,
+        "refit_precision": "auto",
+    }
     assert METHODS["wanda"].statistic_of(wanda) == "hessian"
     for method in ("sparsegpt", "wanda"):
         for options in ({"variant": "paper"}, {"refine_iterations": 0}):

@@ -52,7 +52,10 @@ def test_sparsegpt_variants_keep_the_pattern_and_lower_the_error(problem, patter
     parsed = Pattern.parse(pattern)
     errors = {}
     for variant in ("paper", "refit", "admm"):
-        out = solve("sparsegpt", weight, hessian, pattern, variant=variant)
+        # At SparseGPT's own damping: the fitting power. The default refit_damp (0.3) gives some of
+        # the calibration fit back for text of other domains (test_refit_damping_pulls_...).
+        fit = {} if variant == "paper" else {"refit_damp": 0.01}
+        out = solve("sparsegpt", weight, hessian, pattern, variant=variant, **fit)
         assert int((out == 0).sum()) == expected_zeros(weight.shape, parsed, 0.5)
         errors[variant] = layer_error(weight, out, hessian)
     assert errors["refit"] < errors["paper"] and errors["admm"] < errors["paper"], errors
