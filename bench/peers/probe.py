@@ -11,13 +11,14 @@ one JSON line per run: its perplexity on each domain's held-out text. No peer, n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
 
 from bench.peers.run import Bench, BenchConfig
-from bench.peers.tools import Job, run_shears
+from bench.peers.tools import run_shears
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then `shears prune` flags (--method ...)")
     args = parser.parse_args(argv)
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
-    method = flags[flags.index("--method") + 1] if "--method" in flags else "sparsegpt"
-    rest = [flag for i, flag in enumerate(flags) if "--method" not in (flag, flags[i - 1] if i else None)]
+    method, rest = "sparsegpt", list(flags)
+    if "--method" in rest:  # the Job names the method; the other flags pass through
+        at = rest.index("--method")
+        method, rest = rest[at + 1], rest[:at] + rest[at + 2 :]
     config = BenchConfig(
+        sparsity=args.sparsity,
         samples=args.samples,
         eval_tokens=args.eval_tokens,
         work_dir=args.work_dir,
@@ -43,15 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench = Bench(config)
     bench.prepare()
-    structured = args.pattern != "unstructured"
-    job = Job(
-        model=bench.dense,
-        calib=bench.calib_paths[args.calibrate_on],
-        method=method,
-        pattern=args.pattern,
-        sparsity=0.5 if structured else args.sparsity,
-        samples=args.samples,
-        seqlen=config.seqlen,
+    job = dataclasses.replace(
+        bench._job(method, args.pattern, bench.dense, bench.calib_paths[args.calibrate_on], args.samples),
         shears_flags=tuple(rest),
     )
     out = args.work_dir / "out"

@@ -61,6 +61,9 @@ def _submit(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
         {"structure": {"heads": "some"}},
         {"structure": {"mlp": 0.25, "granule": 0}},
         {"structure": {"depth": 0.25}},
+        {"method": "magnitude", "error_correction": {}},  # no Hessian solve to correct
+        {"method": "wanda", "wanda": {"variant": "paper"}, "error_correction": {}},
+        {"method": "sparsegpt", "true_sequential": True, "error_correction": {}},
     ],
 )
 def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: dict[str, Any]) -> None:
