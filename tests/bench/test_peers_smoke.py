@@ -201,9 +201,11 @@ def test_result_files(bench_data: tuple[dict, Path]) -> None:
     assert "--variant" not in point["shears"]["details"]["argv"]
     assert paper["peer"] == point["peer"]
     assert "| sparsegpt | unstructured | paper |" in markdown
-    from bench.peers import report
-
-    assert report.summary([], on_disk["scaling"])["time"]["of"] == 1  # the variant is not judged
+    # Only the default is judged against the time target (a variant point is not what users get). The
+    # ratios are set here: without the peer venv (CI) the sweep has none to judge.
+    timed = {"points": [{**point, "time_ratio": 0.5}, {**paper, "time_ratio": 0.5}]}
+    assert report.summary([], timed)["time"] == {"met": 1, "of": 1, "all_met": True}
+    assert report.summary([], on_disk["scaling"])["time"]["of"] == (1 if PEER else 0)
 
 
 def test_the_variants_listed_are_the_variants_run() -> None:
