@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Self
 
@@ -169,6 +170,30 @@ def _block_tensor(layer: Prunable) -> torch.Tensor:
     return getattr(layer.module, layer.param.rpartition(".")[2])
 
 
+@contextmanager
+def _solving(layers: list[Prunable], masters: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While `layers` are solved the block holds no copy of their parameters; after, each is bound to
+    its solved master, cast to the block's compute dtype.
+
+    The solvers read and write the masters only; the block's copies (bf16 for an AMX forward, or a
+    second fp32 copy) would sit unused at the solves' memory peak: 103 MiB of bf16 (206 of fp32) per
+    block at hidden 2048. Where the dtypes agree the parameter becomes the master itself, no copy:
+    nothing writes either in place afterwards (the block's forwards read it, _write_block reads the
+    master, release_block drops the parameter).
+    """
+    held = {}
+    for layer in layers:
+        if layer.param not in held:
+            param = _block_tensor(layer)
+            held[layer.param] = (param, param.dtype)
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    try:
+        yield
+    finally:
+        for name, (param, dtype) in held.items():
+            param.data = masters[name].to(dtype)
+
+
 def _solve_layers(
     layers: list[Prunable],
     statistic_of: Callable[[str], Accumulator | None],
@@ -176,11 +201,12 @@ def _solve_layers(
     masters: dict[str, torch.Tensor],
     request: PruneRequest,
     release: Callable[[str], None] | None = None,
+    write_block: bool = True,
     **record: object,
 ) -> list[LayerResult]:
     """Solve each matrix on its master weight (storage precision, `masters` by parameter), writing
-    the result into it; the block's own parameter (compute precision) gets the pruned values too,
-    for the forward passes after.
+    the result into it. `write_block`: the block's own parameter (compute precision) gets the pruned
+    values too, for the forward passes after (experts: the caller's _solving re-binds linears').
 
     With error correction (a CorrectionAccumulator whose inputs paired up) each matrix is solved for
     its corrected target (solvers.correction) instead of its own dense weight. Once every layer
@@ -223,7 +249,8 @@ def _solve_layers(
         error = layer_error(weight, pruned, hessian, max_rows=ERROR_ROWS) if hessian is not None else None
         del weight, statistic, hessian
         view.copy_(pruned)
-        layer.matrix(_block_tensor(layer).data).copy_(pruned)
+        if write_block:
+            layer.matrix(_block_tensor(layer).data).copy_(pruned)
         results.append(
             LayerResult(
                 layer.name,
@@ -401,24 +428,25 @@ def prune_block(
         raise ValueError("error correction needs a Hessian method and no true_sequential")
     stats, capture = collect(block, index, linears, kind, batches, device, dense_outputs, moe, dense_batches)
     release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones
+
+    def solve(subset: list[Prunable], stats: InputStats) -> list[LayerResult]:
+        with _solving(subset, masters):
+            return _solve_layers(
+                subset, stats.of, targets, masters, request, stats.release, write_block=False
+            )
+
     if not request.true_sequential:
-        results = _solve_layers(list(linears.values()), stats.of, targets, masters, request, stats.release)
+        results = solve(list(linears.values()), stats)
     else:
         # True sequential: each later group of layers sharing an input gets statistics gathered
         # after the groups before it were pruned, so its solve sees the inputs the pruned block will
         # produce; the experts get theirs after every linear layer was pruned.
         groups = stats.groups or []
-        results = (
-            _solve_layers([linears[n] for n in groups[0]], stats.of, targets, masters, request, stats.release)
-            if groups
-            else []
-        )
+        results = solve([linears[n] for n in groups[0]], stats) if groups else []
         for group in groups[1:]:
             subset = {name: linears[name] for name in group}
             stats, _ = collect(block, index, subset, kind, batches, device)
-            results += _solve_layers(
-                list(subset.values()), stats.of, targets, masters, request, stats.release
-            )
+            results += solve(list(subset.values()), stats)
         if moe:
             del capture
             _, capture = collect(block, index, {}, kind, batches, device, experts=moe)

@@ -167,26 +167,27 @@ def admm_prune(
     numel = rows * cols
     scale = prepared.scale
     with ieee_fp32_matmul():
-        dense = weight.detach().to(device=device, dtype=torch.float32) * scale  # W0 in scaled coordinates
-        state = dense.clone()  # V = W + U; at the start W = W0 and U = 0
+        state = weight.detach().to(device=device, dtype=torch.float32) * scale  # V = W + U = W0 at first
         pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
         for step in range(1, iterations + 1):
             # Rows are independent given the mask, so the step's temporaries are CHUNK_ROWS rows at a
-            # time: a layer costs W0 and V, not four [rows, K] buffers (the memory cgroup benchmark).
+            # time, and W0 (scaled) is re-derived per chunk from `weight`: a layer costs V and the mask,
+            # not four [rows, K] buffers (the memory cgroup benchmark).
             for start in range(0, rows, CHUNK_ROWS):
                 kept_rows = slice(start, start + CHUNK_ROWS)
                 chunk, mask = state[kept_rows], pruned[kept_rows]
+                dense = weight[kept_rows].to(device=device, dtype=torch.float32) * scale  # a new tensor
                 # Z - U - W0 = sign * V - W0 (sign +1 on kept entries, -1 on pruned ones).
-                residual = torch.where(mask, -chunk, chunk).sub_(dense[kept_rows])
-                solution = torch.add(dense[kept_rows], residual @ prepared.inverse, alpha=prepared.rho)  # W
+                residual = torch.where(mask, -chunk, chunk).sub_(dense)
+                solution = dense.add_(residual @ prepared.inverse, alpha=prepared.rho)  # W
                 del residual
                 chunk.copy_(solution.add_(chunk.masked_fill_(~mask, 0.0)))  # V = W + U, U = V where pruned
-                del solution
+                del solution, dense
             zeros = round(sparsity_ramp(step, ramp, target) * numel)
             pruned = project(state.abs(), pattern, zeros, exact=step == iterations)
         # The last Z (V on the kept entries) starts the fit, back in the weight's coordinates.
         start = state.masked_fill_(pruned, 0.0).div_(scale)
-        del state, dense
+        del state
     hess = hessian.detach().to(device=device, dtype=torch.float32)
     if trace is not None:
         trace.append(damped_objective(weight, start, hess, prepared.damping))
@@ -196,9 +197,10 @@ def admm_prune(
         hess,
         prepared.damping,
         refine_iterations,
-        keep=~pruned,
+        drop=pruned,
         trace=trace,
         matmul_dtype=refit_dtype,
+        in_place=True,  # `start` is this function's own buffer
     )
     if not bool(torch.isfinite(result).all()):
         raise RuntimeError("ADMM produced non-finite weights; the layer's Hessian is degenerate")

@@ -43,26 +43,30 @@ def reconstruct_masked(
     damping: float,
     iterations: int,
     *,
-    keep: Tensor | None = None,
+    drop: Tensor | None = None,
     trace: list[float] | None = None,
     matmul_dtype: torch.dtype = torch.float32,
+    in_place: bool = False,
 ) -> Tensor:
     """`pruned`'s zero pattern with its kept weights re-fitted to `dense` under H + damping * I.
 
     dense, pruned: [out, in] (any float dtype); hessian: [in, in] fp32; damping: the absolute
     value added to H's diagonal (SparseGPT's, so both solve the same regularised problem).
-    keep: the bool mask of weights that may be non-zero (default: pruned != 0); `pruned` must be
-    zero off it. trace: if given, receives the damped objective after every iteration (tests).
+    drop: the bool mask of weights held at zero (default: pruned == 0); `pruned` must be zero on
+    it. trace: if given, receives the damped objective after every iteration (tests).
     matmul_dtype: bf16 runs each step's product x H in bf16 with fp32 accumulation (faster on
     CPUs with AVX512-BF16/AMX and on GPUs); the iterate, residual and the objective stay fp32.
-    Returns a new tensor in `pruned`'s dtype; `pruned` itself if the iteration breaks down.
+    in_place: `pruned` is the caller's own scratch buffer: an fp32 one on H's device is fitted in
+    place rather than copied (a [out, in] fp32 buffer less at a block's memory peak).
+    Returns a new tensor in `pruned`'s dtype (`pruned` itself with in_place, or if the iteration
+    breaks down).
     """
     if iterations <= 0:
         return pruned
     device = hessian.device
     with ieee_fp32_matmul():
-        weight = pruned.detach().to(device=device, dtype=torch.float32).clone()
-        drop = weight == 0 if keep is None else ~keep.to(device)
+        weight = pruned.detach().to(device=device, dtype=torch.float32, copy=not in_place)
+        drop = weight == 0 if drop is None else drop.to(device)
         dense = dense.detach().to(device=device, dtype=torch.float32)
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
         product = hessian if matmul_dtype == torch.float32 else hessian.to(matmul_dtype)

@@ -64,6 +64,7 @@ def solve(
         hessian,
         damping,
         options.refine_iterations,
-        keep=~pruned,
+        drop=pruned,
         matmul_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
+        in_place=True,  # apply_mask's result is a new tensor
     )

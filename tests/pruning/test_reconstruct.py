@@ -103,7 +103,17 @@ def test_rows_that_diverge_keep_the_solvers_weights() -> None:
     keep = pruned != 0
     keep[4:, :16] = False  # rows 4.. keep no input of the broken part: their problem is definite
     start = torch.where(keep, pruned, 0.0)
-    out = reconstruct_masked(dense, start, broken, 1e-3, 10, keep=keep)
+    out = reconstruct_masked(dense, start, broken, 1e-3, 10, drop=~keep)
     assert bool(torch.isfinite(out).all())
     assert torch.equal(out[:4], start[:4])  # diverged: kept as they came
     assert not torch.equal(out[4:], start[4:])  # re-fitted
+
+
+def test_in_place_fits_the_callers_buffer_to_the_same_values() -> None:
+    dense, hessian = _problem(rows=8, cols=32, seed=5)
+    start = sparsegpt_prune(dense, hessian, 0.5, Pattern())
+    copied = reconstruct_masked(dense, start, hessian, 1e-2, 5)
+    assert not torch.equal(copied, start)  # the copy was fitted, the start left alone
+    buffer = start.clone()
+    fitted = reconstruct_masked(dense, buffer, hessian, 1e-2, 5, in_place=True)
+    assert fitted.data_ptr() == buffer.data_ptr() and torch.equal(fitted, copied)
