@@ -189,7 +189,10 @@ class _Request(Strict):
                 "error_correction or choose such a method"
             )
         if self.true_sequential:
-            raise ValueError("error_correction does not combine with true_sequential: choose one")
+            raise ValueError(
+                "error_correction already gathers each layer group's inputs after the groups before it "
+                "were pruned (what true_sequential does): drop true_sequential"
+            )
 
     def _check_structure_only(self) -> None:
         """method 'none': structured pruning alone, so every sparsity setting is a mistake."""

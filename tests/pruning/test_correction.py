@@ -70,13 +70,33 @@ def test_block_correction_lowers_the_pruned_models_error(
     before = [block["model_error"] for block in plain["blocks"]]
     after = [block["model_error"] for block in fixed["blocks"]]
     assert all(e is not None and e > 0 for e in before + after)
-    # The first block sees the same inputs either way; from there on the correction pays off.
-    assert after[0] == pytest.approx(before[0], rel=0.05)
+    # The first block's inputs are the dense model's either way, but from its second layer group on
+    # each group is fitted to the dense outputs from the inputs the pruned groups before it give.
+    assert after[0] < before[0]
     assert after[-1] < before[-1]
     assert sum(after) < sum(before)
     on_disk = json.loads((tmp_path / "fixed" / "manifest.json").read_text())
     assert on_disk["blocks"][-1]["model_error"] == after[-1]
     assert fixed["sparsity"]["achieved"] == pytest.approx(plain["sparsity"]["achieved"])
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_each_group_is_corrected_from_the_inputs_the_pruned_groups_before_it_give(
+    tmp_path: Path, method: str, compute_dtype: str
+) -> None:
+    """Regression: every group's inputs were gathered in one pass with the block still dense, so a
+    later group (o_proj, the MLP) was fitted to repair errors the corrected groups before it had
+    already repaired: corrected twice (SmolLM2 with Wanda: perplexity 59 -> 2,208; on this model the
+    drift fell only to 0.65x the uncorrected one). Gathered group after group it falls to ~0.1x."""
+    from tests.tiny import make_tiny_of_type
+
+    folder = make_tiny_of_type("llama", tmp_path / "llama", num_hidden_layers=4)
+    common = dict(method=method, compute_dtype=compute_dtype)
+    plain = prune(fast_request(folder, **common), tmp_path / "plain")
+    fixed = prune(fast_request(folder, error_correction=CorrectionSpec(), **common), tmp_path / "fixed")
+    for before, after in zip(plain["blocks"], fixed["blocks"], strict=True):
+        assert after["model_error"] < 0.5 * before["model_error"], (plain["blocks"], fixed["blocks"])
 
 
 def test_correction_with_moe_experts_corrects_the_linears_and_fits_experts_plainly(
