@@ -60,8 +60,9 @@ def _no_schema_default(schema: dict[str, Any]) -> None:
 
 class CorrectionSpec(Strict):
     """Block-level error correction: each layer is fitted to the dense model's outputs for the same
-    tokens (its inputs taken from the pruned model), so errors stop compounding through depth.
-    Applies to methods that collect the Hessian, and not with true_sequential."""
+    tokens (its inputs taken from the pruned model, after the layer groups before it were pruned and
+    corrected), so errors stop compounding through depth. Applies to methods that collect the
+    Hessian; it already works group by group, so true_sequential is refused beside it."""
 
     damp: Annotated[float, Field(gt=0, lt=10)] = Field(
         0.01,
