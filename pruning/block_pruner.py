@@ -6,9 +6,10 @@ one expert at a time from the tokens their router sends them (pruning/experts.py
 
 Error correction (request.error_correction) fits each linear layer to the dense model's outputs for
 the same tokens (solvers/correction.py), group after group: a group's inputs are gathered once the
-groups before it were pruned and corrected (the dense stream runs through the block's dense copies). MoE experts are not corrected: the dense and the pruned
-model route tokens differently, so an expert's inputs in the two models do not pair up token for
-token; experts keep the plain per-expert fit on their routed tokens (`corrected` in the manifest).
+groups before it were pruned and corrected (the dense stream runs through the block's dense
+copies). MoE experts are not corrected: the dense and the pruned model route tokens differently, so
+an expert's inputs in the two models do not pair up token for token; experts keep the plain
+per-expert fit on their routed tokens (`corrected` in the manifest).
 """
 
 from __future__ import annotations
