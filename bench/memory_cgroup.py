@@ -120,6 +120,13 @@ class AnonymousPeak:
         self._thread.join()
 
 
+def oom_kills(group: Path) -> int:
+    """How many processes the kernel's OOM killer ended in `group` (-1: a kernel before 4.13 does not
+    count them in memory.oom_control)."""
+    fields = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+    return int(fields.get("oom_kill", -1))
+
+
 def checkpoint_bytes(folder: Path) -> int:
     from shears.pruning.checkpoint import Checkpoint
 
@@ -177,7 +184,7 @@ def run_one(folder: Path, spec: str, limit: int, work: Path, *, samples: int, se
         with AnonymousPeak(group) as anonymous:
             run = run_child(in_cgroup(group, argv), work / "logs" / f"{slug}.log", env=child_env())
         failcnt = int((group / "memory.failcnt").read_text())
-        oom_control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+        kills = oom_kills(group)
         max_usage = int((group / "memory.max_usage_in_bytes").read_text())
     result = {
         "run": spec,
@@ -190,7 +197,7 @@ def run_one(folder: Path, spec: str, limit: int, work: Path, *, samples: int, se
         "peak_anonymous_mb": round(anonymous.peak / 2**20, 1),
         "cgroup_max_usage_mb": round(max_usage / 2**20, 1),
         "cgroup_failcnt": failcnt,
-        "oom_kills": int(oom_control.get("oom_kill", -1)),  # -1: a kernel before 4.13 does not count
+        "oom_kills": kills,
         "wall_s": round(run.wall_s, 1),
         "argv": argv,
     }
