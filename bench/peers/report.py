@@ -213,6 +213,24 @@ def _cost_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _setup_lines(data: dict[str, Any]) -> list[str]:
+    """The quality rows' calibration and evaluation, every source named."""
+    lines = ["Calibration (both tools read the same token ids):", ""]
+    for domain, calibration in data["calibration"].items():
+        lines.append(
+            f"- {domain}: {calibration['source']}; {calibration['samples']} x {calibration['seqlen']} tokens "
+            f"(sha256 {calibration['sha256'][:12]})"
+        )
+    lines += ["", "Evaluation (every output folder and the dense model, one function):", ""]
+    for domain, evaluation in data["evaluation"].items():
+        lines.append(
+            f"- {domain}: {evaluation['source']}; {evaluation['windows']} windows of {evaluation['seqlen']} "
+            f"tokens ({evaluation['tokens']} predicted tokens); dense perplexity "
+            f"{_num(data['dense'][domain]['ppl'], 3)}"
+        )
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The results as a markdown report: setup with every source named, quality, cost, the sweep."""
     machine, tools, settings = data["machine"], data["tools"], data["settings"]
@@ -226,25 +244,15 @@ def markdown(data: dict[str, Any]) -> str:
         f"(transformers {tools['llm-compressor'].get('transformers', '-')}). Shears block forwards: "
         f"{settings['shears_compute_dtype']}; llm-compressor: {settings['peer_compute_dtype']}.",
         "",
-        "Calibration (both tools read the same token ids):",
-        "",
     ]
-    for domain, calibration in data["calibration"].items():
-        lines.append(
-            f"- {domain}: {calibration['source']}; {calibration['samples']} x {calibration['seqlen']} tokens "
-            f"(sha256 {calibration['sha256'][:12]})"
-        )
-    lines += ["", "Evaluation (every output folder and the dense model, one function):", ""]
-    for domain, evaluation in data["evaluation"].items():
-        lines.append(
-            f"- {domain}: {evaluation['source']}; {evaluation['windows']} windows of {evaluation['seqlen']} "
-            f"tokens ({evaluation['tokens']} predicted tokens); dense perplexity "
-            f"{_num(data['dense'][domain]['ppl'], 3)}"
-        )
-    lines += ["", "## Quality: perplexity on each domain's held-out text", ""]
-    lines += _quality_lines(data)
-    lines += ["", "## Cost", ""]
-    lines += _cost_lines(data)
+    if not data["rows"]:  # --no-rows: the SmolLM2 calibration and evaluation were not used
+        lines += ["No quality rows in this run (`--no-rows`): the width sweep below is all it measured."]
+    else:
+        lines += _setup_lines(data)
+        lines += ["", "## Quality: perplexity on each domain's held-out text", ""]
+        lines += _quality_lines(data)
+        lines += ["", "## Cost", ""]
+        lines += _cost_lines(data)
     met = data["summary"]
     lines += [
         "",

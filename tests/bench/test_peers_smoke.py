@@ -206,6 +206,11 @@ def test_result_files(bench_data: tuple[dict, Path]) -> None:
     timed = {"points": [{**point, "time_ratio": 0.5}, {**paper, "time_ratio": 0.5}]}
     assert report.summary([], timed)["time"] == {"met": 1, "of": 1, "all_met": True}
     assert report.summary([], on_disk["scaling"])["time"]["of"] == (1 if PEER else 0)
+    # A sweep-only run (--no-rows) does not describe the calibration and evaluation it did not use.
+    sweep_only = report.markdown({**on_disk, "rows": []})
+    assert "No quality rows" in sweep_only and "## Quality" not in sweep_only
+    assert "Calibration (" not in sweep_only
+    assert "Time and memory vs width" in sweep_only and "Calibration (" in markdown
 
 
 def test_the_variants_listed_are_the_variants_run() -> None:
