@@ -451,12 +451,11 @@ def prune_block(
     moe = [g for g in experts or [] if any(layer.module is g.module for layer in layers.values())]
     if kind == "none" or not batches:
         return _solve_layers(list(layers.values()), lambda _: None, targets, masters, request), False
-    if dense_batches is not None and (kind != "hessian" or request.true_sequential):
+    correcting = dense_batches is not None
+    if correcting and (kind != "hessian" or request.true_sequential):
         raise ValueError("error correction needs a Hessian method and no true_sequential")
     stats, capture = collect(block, index, linears, kind, batches, device, dense_outputs, moe, dense_batches)
     release_freed_memory()  # the forward's temporaries: the solves allocate differently shaped ones
-
-    correcting = dense_batches is not None
     dense_weights = DenseWeights() if correcting else None
 
     def solve(subset: list[Prunable], stats: InputStats) -> list[LayerResult]:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(config)
     bench.prepare()
     job = dataclasses.replace(
-        bench._job(method, args.pattern, bench.dense, bench.calib_paths[args.calibrate_on], args.samples),
+        bench.job(method, args.pattern, bench.dense, bench.calib_paths[args.calibrate_on], args.samples),
         shears_flags=tuple(rest),
     )
     out = args.work_dir / "out"

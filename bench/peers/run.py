@@ -254,7 +254,7 @@ class Bench:
                 "device": "cpu",
                 "shears_compute_dtype": config.compute_dtype,
                 "peer_compute_dtype": "float32",
-                "shears_variants": variants_run(config, rows=True, scaling=True),
+                "shears_variants": {},  # run_benchmark sets it: it knows which parts run
                 "peer_modifiers": "SparseGPTModifier / WandaPruningModifier targeting the decoder "
                 "blocks; MagnitudePruningModifier (init = final sparsity) with its "
                 "mask applied at finalize (see run_llmcompressor.py)",
@@ -323,7 +323,7 @@ class Bench:
         sections = verify_folders([out], ["vllm"], {"vllm": str(self.config.vllm_python)}, log=self.log)
         return next(iter(sections.values()))["runtimes"]
 
-    def _job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
+    def job(self, method: str, pattern: str, model: Path, calib: Path, samples: int) -> Job:
         from shears.pattern import Pattern
 
         structured = Pattern.parse(pattern).sparsity
@@ -344,7 +344,7 @@ class Bench:
         for domain in config.calibrate_on or config.domains:
             for method in config.methods:
                 for pattern in config.patterns:
-                    job = self._job(method, pattern, self.dense, self.calib_paths[domain], config.samples)
+                    job = self.job(method, pattern, self.dense, self.calib_paths[domain], config.samples)
                     name = _slug(domain, method, pattern)
                     if config.default:
                         shears = self._run("shears", job, name, self.weight_names, True)
@@ -406,7 +406,7 @@ class Bench:
             peers: dict[tuple[str, str], ToolResult] = {}  # one peer run per method and pattern
             for spec in config.scaling_runs:
                 method, pattern, variant = parse_scaling_run(spec)
-                job = self._job(method, pattern, folder, calib, config.scaling_samples)
+                job = self.job(method, pattern, folder, calib, config.scaling_samples)
                 name = _slug("scaling", f"h{hidden}", method, pattern)
                 if variant != "default":
                     job = dataclasses.replace(job, shears_flags=VARIANTS[method][variant])
