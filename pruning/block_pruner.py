@@ -29,10 +29,10 @@ from shears.pruning.experts import MIN_EXPERT_TOKENS, ExpertCapture, RoutedInput
 from shears.pruning.masks import achieved_sparsity
 from shears.pruning.methods import METHODS
 from shears.pruning.prunable import ExpertsModule, Prunable
-from shears.pruning.resources import release_freed_memory
+from shears.pruning.resources import cpu_has_fast_bf16, release_freed_memory
 from shears.pruning.solvers import layer_error
 from shears.pruning.solvers.correction import corrected_target, correction_factor
-from shears.pruning.stats import ACCUMULATORS, Accumulator, CorrectionAccumulator
+from shears.pruning.stats import ACCUMULATORS, Accumulator, CorrectionAccumulator, HessianAccumulator
 from shears.pruning.streaming import Batch, advance, run_block
 
 # Rows a layer's reported error is taken over (solvers.layer_error's estimate; exact below this).
@@ -88,6 +88,8 @@ class InputStats(_LayerHooks):
         # pruned stream's pass) pair up with the pruned-model inputs the hooks see.
         self.correcting = correcting
         self.dense: dict[str, torch.Tensor] = {}
+        # A Hessian of bf16 inputs multiplies them in bf16 where that is fast (stats.HessianAccumulator).
+        self.bf16_products = kind == "hessian" and device.type == "cpu" and cpu_has_fast_bf16()
         self.batch_tokens = 0  # tokens of the current batch: a layer seeing fewer is routed
         self.groups: list[list[str]] | None = None  # layers sharing one input, in execution order
         self.accumulators: dict[str, Accumulator] = {}  # keyed by each group's first layer
@@ -97,6 +99,8 @@ class InputStats(_LayerHooks):
     def _new(self, columns: int) -> Accumulator:
         if self.correcting:
             return CorrectionAccumulator(columns, self.device)
+        if self.bf16_products:
+            return HessianAccumulator(columns, self.device, bf16_products=True)
         return ACCUMULATORS[self.kind](columns, self.device)
 
     def _add(self, name: str, x: torch.Tensor) -> None:

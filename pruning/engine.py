@@ -35,6 +35,10 @@ from shears.pruning.solvers.reconstruct import refit_matmul_dtype
 from shears.pruning.streaming import Batch, advance, capture_inputs, head_logits, run_block
 
 ERROR_SAMPLE_TOKENS = 8192  # calibration tokens the per-block output error is measured on
+# Calibration tokens the drift from the dense model (`model_error`) is measured on. They cost a forward
+# of the dense block per block (the output error's come free with the statistics pass): at 8,192 that
+# was a third of the forwards of a 16 x 512-token job.
+DRIFT_SAMPLE_TOKENS = 2048
 CPU_FORWARD_TOKENS = 1024  # measured on SmolLM2 blocks: as fast as 4096, a quarter of the peak heap
 
 # Error correction applies to layers that see every token in both models; experts do not (routing differs).
@@ -132,7 +136,7 @@ class _Job:
                 pruned_eval = [batch.clone() for batch in dense_eval]
                 # The dense model's own stream for the same tokens (checkpointed with the others): all
                 # of it for error correction (its targets), else the batches the block error samples.
-                kept = len(calib) if self._correcting() else _leading_batches(calib, ERROR_SAMPLE_TOKENS)
+                kept = len(calib) if self._correcting() else _leading_batches(calib, DRIFT_SAMPLE_TOKENS)
                 dense_calib = [batch.clone() for batch in calib[:kept]]
                 streams = {
                     "calib": calib,
@@ -343,6 +347,8 @@ class _Job:
         sampled = _leading_batches(calib, ERROR_SAMPLE_TOKENS)
         dense_out = [torch.empty_like(batch.hidden) for batch in calib[:sampled]]  # reused by every block
         sampled_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:sampled])
+        drifted = min(_leading_batches(calib, DRIFT_SAMPLE_TOKENS), len(streams["dense_calib"]))
+        drifted_tokens = sum(batch.hidden.shape[:-1].numel() for batch in calib[:drifted])
         correcting = self._correcting()
         dense_stream = streams["dense_calib"]  # calib's tokens through the dense blocks
         for index in range(progress.start, total):
@@ -373,7 +379,7 @@ class _Job:
                 squared_error = squared_norm = drift_error = drift_norm = 0.0
                 for position, batch in enumerate(calib):
                     out = run_block(block, index, batch, device)
-                    if position < sampled:
+                    if position < drifted:
                         # Out of place: .float() of an fp32 tensor is the tensor itself, and `out`
                         # becomes the next block's input.
                         model = dense_stream[position].hidden.float()
@@ -400,6 +406,7 @@ class _Job:
                     "output_error": output_error,
                     "model_error": drift_error / drift_norm if drift_norm else None,
                     "output_error_tokens": sampled_tokens if output_error is not None else 0,
+                    "model_error_tokens": drifted_tokens if drift_norm else 0,
                     "seconds": round(sum(r.seconds for r in results), 4),
                 }
             )
@@ -425,9 +432,11 @@ class _Job:
             described: dict[str, Any] = {"method": request.method}
         else:
             described = method.describe(request.method_options)
-        if "refit_precision" in described:  # 'auto' depends on the machine: say what it chose
-            dtype = refit_matmul_dtype(described["refit_precision"], device)
-            described["refit_matmul_dtype"] = str(dtype).removeprefix("torch.")
+        chosen_dtypes = {"refit_precision": "refit_matmul_dtype", "admm_precision": "admm_matmul_dtype"}
+        for option, chosen in chosen_dtypes.items():
+            if option in described:  # 'auto' depends on the machine: say what it chose
+                dtype = refit_matmul_dtype(described[option], device)
+                described[chosen] = str(dtype).removeprefix("torch.")
         correction = request.error_correction
         described["error_correction"] = (
             {**correction.model_dump(), "experts": EXPERTS_UNCORRECTED}

@@ -75,3 +75,20 @@ def mirror_lower_(matrix: Tensor, block: int = BLOCK) -> Tensor:
 def cholesky_inverse_(lower: Tensor, block: int = BLOCK) -> Tensor:
     """Overwrite the lower Cholesky factor L of A with A^-1 = L^-T L^-1, in place (see module doc)."""
     return gram_of_lower_(invert_lower_(lower, block), block)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """`torch.isfinite(tensor).all()` at the cost of a sum (isfinite is ~10x slower on the CPUs here):
+    a NaN or an infinity makes the sum non-finite, and only a sum that overflows on finite entries
+    takes the exact check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def chunk_rows(columns: int, chunk_bytes: int = 4 * 2**20) -> int:
+    """Rows of a [rows, columns] fp32 temporary of at most `chunk_bytes` (at least 16 rows).
+
+    Row-chunked solvers keep their temporaries under glibc's mmap threshold (resources.tune_malloc:
+    8 MiB), so they are reused from the heap instead of mapped and faulted in again each time
+    (measured: an elementwise op that allocates a 64 MiB result costs 4x one in place).
+    """
+    return max(16, chunk_bytes // (4 * max(columns, 1)))

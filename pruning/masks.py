@@ -11,6 +11,7 @@ from torch import Tensor
 
 from shears.errors import InvalidRequest
 from shears.pattern import Pattern
+from shears.pruning.linalg import all_finite
 
 
 def check_pattern(shape: tuple[int, ...], pattern: Pattern, name: str) -> None:
@@ -97,7 +98,7 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     low_rank, high_rank = round(fraction * size - margin), round(fraction * size + margin)
     low = torch.kthvalue(sample, low_rank).values if low_rank >= 1 else values.new_tensor(-torch.inf)
     high = torch.kthvalue(sample, high_rank).values if high_rank <= size else values.new_tensor(torch.inf)
-    below = int((values < low).sum())
+    below = int(count_true(values < low, 0))
     window = values[(values >= low) & (values <= high)]
     if below < k <= below + window.numel():
         return torch.kthvalue(window, k - below).values
@@ -122,9 +123,9 @@ def lowest_k_mask(scores: Tensor, k: int, dim: int) -> Tensor:
     else:
         threshold = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
     below = scores < threshold
-    missing = k - below.sum(dim=dim, keepdim=True)
+    missing = k - count_true(below, dim)
     ties = scores == threshold
-    if bool((ties.sum(dim=dim, keepdim=True) == missing).all()):  # the usual case: no tie to split
+    if bool((count_true(ties, dim) == missing).all()):  # the usual case: no tie to split
         return below | ties
     return below | (ties & (torch.cumsum(ties, dim=dim) <= missing))
 
@@ -135,11 +136,18 @@ def apply_mask(weight: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, 0, weight).add_(0.0)
 
 
+def count_true(mask: Tensor, dim: int) -> Tensor:
+    """`mask.sum(dim, keepdim=True)` of a bool tensor, as bytes into int32 where the count fits (2x
+    faster than summing bools on the CPUs here)."""
+    dtype = torch.int32 if mask.shape[dim] < 2**31 else torch.int64
+    return mask.view(torch.uint8).sum(dim=dim, keepdim=True, dtype=dtype)
+
+
 def achieved_sparsity(weight: Tensor) -> float:
     """Fraction of entries that are exactly zero."""
     if weight.numel() == 0:
         return 0.0
-    return int((weight == 0).sum()) / weight.numel()
+    return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
 
 
 def satisfies_pattern(weight: Tensor, pattern: Pattern) -> bool:
@@ -168,7 +176,7 @@ def check_solver_args(
             raise ValueError(f"pattern {pattern} fixes sparsity at {pattern.sparsity:g}, got {sparsity:g}")
     else:
         _check_sparsity(sparsity)
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError("weight has NaN or infinite entries; the model's weights are broken")
 
 

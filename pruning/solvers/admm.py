@@ -31,28 +31,46 @@ import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
-from shears.pruning.linalg import cholesky_inverse_
+from shears.pruning.linalg import all_finite, cholesky_inverse_, chunk_rows
 from shears.pruning.masks import SAMPLE_SIZE, check_solver_args, lowest_k_mask, nm_group_mask, sample_of
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 512  # rows of an iteration's temporaries: 11 MiB of fp32 at K = 5632
 RHO_RETRIES = 4  # rho, 10x, ... if the shifted matrix fails Cholesky (it should not: Hd is definite)
+# An input whose scale d_j exceeds this many times the median is "wide": its column of the iteration's
+# product stays in fp32 when the rest runs in bf16 (see PreparedADMM).
+WIDE_SCALE = 8.0
 
 
 @dataclass(frozen=True)
 class PreparedADMM:
-    """What ADMM derives from a Hessian before touching weights; shared by layers reading one input."""
+    """What ADMM derives from a Hessian before touching weights; shared by layers reading one input.
+
+    The iterations' product R F runs in `inverse`'s dtype. In bf16, the inputs with a wide scale
+    (massive activations: SmolLM2 block 11's down_proj spans 1e5 x) are taken out of it: their
+    entries of R are that much larger, and bf16's 2^-9 relative error on them swamps the small
+    outputs (all of R F in bf16 broke SmolLM2: ppl 49,152, measured 2026-11-30). Their rows of F
+    (`wide_rows`) are kept in fp32 and their part of the product is added in fp32.
+    """
 
     scale: Tensor  # d = sqrt(diag(H) + damping), [K] fp32
-    inverse: Tensor  # F = (D^-1 Hd D^-1 + rho I)^-1, [K, K] fp32 (symmetric)
+    inverse: Tensor  # F = (D^-1 Hd D^-1 + rho I)^-1, [K, K] (symmetric), fp32 or bf16
     rho: float
     damping: float  # the absolute value added to H's diagonal
-    # No bf16 copy of F for the iterations' product: in these scaled coordinates a model's massive
-    # activations (SmolLM2 block 11's down_proj) span 1e5 x, and bf16's 2^-8 relative error on the
-    # large entries swamps the small ones (measured 2026-11-30: a broken model, ppl 49,152).
+    wide: Tensor | None = None  # bf16 F: indices of the wide inputs, [W] int64
+    wide_rows: Tensor | None = None  # bf16 F: F[wide] in fp32, [W, K]
+
+    def times_inverse(self, residual: Tensor) -> Tensor:
+        """residual @ F in fp32 ([rows, K]); the wide inputs' part in fp32 when F is bf16."""
+        if self.inverse.dtype == torch.float32:
+            return residual @ self.inverse
+        assert self.wide is not None and self.wide_rows is not None
+        narrow = residual.to(self.inverse.dtype).index_fill_(1, self.wide, 0.0)
+        product = (narrow @ self.inverse).float()
+        del narrow
+        return product.addmm_(residual[:, self.wide], self.wide_rows) if self.wide.numel() else product
 
 
 @torch.no_grad()
@@ -61,8 +79,12 @@ def prepare_admm(
     damp: float,
     rho: float,
     device: torch.device | None = None,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> PreparedADMM:
-    """Factorise once per Hessian; `damp` is relative to mean(diag H) (as SparseGPT's)."""
+    """Factorise once per Hessian; `damp` is relative to mean(diag H) (as SparseGPT's).
+
+    `matmul_dtype` bf16: F is kept in bf16 for the iterations' product, but for its wide inputs'
+    rows (PreparedADMM); the fp32 factorisation is freed."""
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
     if not bool(torch.isfinite(hessian.diagonal()).all()):
@@ -85,7 +107,11 @@ def prepare_admm(
                 cholesky_inverse_(matrix)  # in place at GEMM speed (LAPACK's potri: ~10x slower)
                 if shift != rho:
                     log.warning("ADMM: the shifted Hessian needed rho %g (asked for %g)", shift, rho)
-                return PreparedADMM(scale, matrix, shift, damping)
+                if matmul_dtype == torch.float32:
+                    return PreparedADMM(scale, matrix, shift, damping)
+                wide = (scale > WIDE_SCALE * scale.median()).nonzero()[:, 0]
+                wide_rows = matrix[wide]  # a copy (advanced indexing)
+                return PreparedADMM(scale, matrix.to(matmul_dtype), shift, damping, wide, wide_rows)
             del matrix
             shift *= 10
     raise RuntimeError(
@@ -169,22 +195,27 @@ def admm_prune(
     with ieee_fp32_matmul():
         state = weight.detach().to(device=device, dtype=torch.float32) * scale  # V = W + U = W0 at first
         pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        scores = torch.empty_like(state)  # |V|, in one buffer for every step (a fresh one faults in)
+        step_rows = chunk_rows(cols)
         for step in range(1, iterations + 1):
-            # Rows are independent given the mask, so the step's temporaries are CHUNK_ROWS rows at a
+            # Rows are independent given the mask, so the step's temporaries are a few MiB of rows at a
             # time, and W0 (scaled) is re-derived per chunk from `weight`: a layer costs V and the mask,
-            # not four [rows, K] buffers (the memory cgroup benchmark).
-            for start in range(0, rows, CHUNK_ROWS):
-                kept_rows = slice(start, start + CHUNK_ROWS)
-                chunk, mask = state[kept_rows], pruned[kept_rows]
-                dense = weight[kept_rows].to(device=device, dtype=torch.float32) * scale  # a new tensor
-                # Z - U - W0 = sign * V - W0 (sign +1 on kept entries, -1 on pruned ones).
-                residual = torch.where(mask, -chunk, chunk).sub_(dense)
-                solution = dense.add_(residual @ prepared.inverse, alpha=prepared.rho)  # W
+            # not four [rows, K] buffers (the memory cgroup benchmark). Products with 0/1 floats, not
+            # masked_fill/where (several times slower on CPU).
+            for start in range(0, rows, step_rows):
+                kept_rows = slice(start, start + step_rows)
+                chunk = state[kept_rows]
+                held = chunk * pruned[kept_rows].to(torch.float32)  # U: V on the pruned entries, else 0
+                dense = torch.mul(weight[kept_rows].to(device), scale)  # W0 scaled: fp32, a new tensor
+                # Z - U - W0 = V - 2U - W0 (Z = V on the kept entries, U = V on the pruned ones).
+                residual = torch.sub(chunk, dense).sub_(held, alpha=2.0)
+                solution = dense.add_(prepared.times_inverse(residual), alpha=prepared.rho)  # W
                 del residual
-                chunk.copy_(solution.add_(chunk.masked_fill_(~mask, 0.0)))  # V = W + U, U = V where pruned
-                del solution, dense
+                chunk.copy_(solution.add_(held))  # V = W + U
+                del solution, dense, held
             zeros = round(sparsity_ramp(step, ramp, target) * numel)
-            pruned = project(state.abs(), pattern, zeros, exact=step == iterations)
+            pruned = project(torch.abs(state, out=scores), pattern, zeros, exact=step == iterations)
+        del scores
         # The last Z (V on the kept entries) starts the fit, back in the weight's coordinates.
         start = state.masked_fill_(pruned, 0.0).div_(scale)
         del state
@@ -202,7 +233,7 @@ def admm_prune(
         matmul_dtype=refit_dtype,
         in_place=True,  # `start` is this function's own buffer
     )
-    if not bool(torch.isfinite(result).all()):
+    if not all_finite(result):
         raise RuntimeError("ADMM produced non-finite weights; the layer's Hessian is degenerate")
     return result.to(weight.dtype).add_(0.0).contiguous()  # -0.0 -> +0.0
 

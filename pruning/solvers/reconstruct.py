@@ -5,8 +5,8 @@ so the weights it returns are not the least-squares optimum for the mask it ends
 an independent quadratic over its kept inputs with the shared matrix H; a few iterations of
 Jacobi-preconditioned conjugate gradients per row, started from SparseGPT's weights, close most of
 the gap (SmolLM2 layers: 20-37% lower ||WX - W'X||^2 after 10 iterations). The rows advance in chunks
-of CHUNK_ROWS, one [chunk, K] x [K, K] matmul per iteration each: as fast as all rows at once, and
-the CG buffers (it runs at a block's memory peak) stay a few MiB.
+of a few MiB (linalg.chunk_rows), one [chunk, K] x [K, K] matmul per iteration each: as fast as all
+rows at once, and the CG buffers (it runs at a block's memory peak) stay small and reused.
 
 Measured on held-out text of another domain than the calibration (SmolLM2, Shakespeare <-> GSM8K),
 most of what the re-fit gains under SparseGPT's damping is fitting the calibration text; a larger
@@ -20,12 +20,11 @@ import logging
 import torch
 from torch import Tensor
 
+from shears.pruning.linalg import all_finite, chunk_rows
 from shears.pruning.resources import fast_matmul_dtype
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
-
-CHUNK_ROWS = 256
 
 
 def refit_matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -70,7 +69,7 @@ def reconstruct_masked(
         dense = dense.detach().to(device=device, dtype=torch.float32)
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
         product = hessian if matmul_dtype == torch.float32 else hessian.to(matmul_dtype)
-        rows = weight.shape[0] if trace is not None else CHUNK_ROWS  # the trace sums every row
+        rows = weight.shape[0] if trace is not None else chunk_rows(weight.shape[1])  # trace: every row
         reverted = 0
         for start in range(0, weight.shape[0], rows):
             chunk = slice(start, start + rows)
@@ -88,7 +87,7 @@ def reconstruct_masked(
         weight.masked_fill_(drop, 0.0)
     if reverted:
         log.info("re-fit: %d of %d rows diverged and kept the solver's weights", reverted, weight.shape[0])
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         log.warning("mask reconstruction diverged (non-finite weights); keeping the solver's weights")
         return pruned
     return weight.to(device=pruned.device, dtype=pruned.dtype).add_(0.0)  # -0.0 -> +0.0
@@ -110,10 +109,12 @@ def _conjugate_gradients(
     residual ended above where it started, or not finite (bf16 steps on a layer whose input norms
     span orders of magnitude can do that), get their starting weights back."""
 
+    kept = (~drop).to(torch.float32)  # 1 on the kept inputs: a product, not masked_fill (~4x slower)
+
     def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
         if product.dtype == torch.float32:
-            return torch.addmm(x, x, product, beta=damping).masked_fill_(drop, 0.0)
-        return (x.to(product.dtype) @ product).float().add_(x, alpha=damping).masked_fill_(drop, 0.0)
+            return torch.addmm(x, x, product, beta=damping).mul_(kept)
+        return (x.to(product.dtype) @ product).float().add_(x, alpha=damping).mul_(kept)
 
     def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
         return (x.square() @ precondition)[:, None]
@@ -134,7 +135,7 @@ def _conjugate_gradients(
         if trace is not None:
             delta = weight - dense
             trace.append(float((torch.addmm(delta, delta, hessian, beta=damping) * delta).sum()))
-    diverged = ~(rz <= rz_start)[:, 0] | ~torch.isfinite(weight).all(dim=1)  # NaN compares False
+    diverged = ~(rz <= rz_start)[:, 0] | ~torch.isfinite(weight.sum(dim=1))  # NaN compares False
     if bool(diverged.any()):
         weight[diverged] = start[diverged]
     return int(diverged.sum())

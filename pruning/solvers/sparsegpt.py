@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
+from shears.pruning.linalg import all_finite
 from shears.pruning.masks import check_solver_args, lowest_k_mask, nm_group_mask
 from shears.pruning.solvers.admm import PreparedADMM, admm_prune, prepare_admm
 from shears.pruning.solvers.reconstruct import reconstruct_masked, refit_matmul_dtype
@@ -45,7 +46,7 @@ def inverse_hessian_factor(
     in two of them besides `hessian`: the reversed, damped copy becomes L in place, an identity
     becomes L^-1 in place and is reversed in place into U (returned column-major).
     """
-    if not bool(torch.isfinite(hessian).all()):
+    if not all_finite(hessian):
         raise RuntimeError(
             "SparseGPT: the Hessian has NaN or infinite entries (the layer's inputs overflowed)"
         )
@@ -220,7 +221,8 @@ def _prune_block(
 def prepare(statistic: Tensor, options: SparseGPTOptions, device: torch.device) -> Prepared:
     """Once per shared input: SparseGPT's inverse factor, or ADMM's shifted inverse."""
     if options.variant == "admm":
-        return prepare_admm(statistic, options.refit_damp, options.admm_rho, device)
+        dtype = refit_matmul_dtype(options.admm_precision, device)
+        return prepare_admm(statistic, options.refit_damp, options.admm_rho, device, matmul_dtype=dtype)
     return prepare_hessian(statistic, options.damp, device)
 
 

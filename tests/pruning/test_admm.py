@@ -143,3 +143,56 @@ def test_ramp_step_counts_hold_when_columns_differ_in_scale() -> None:
     scores = torch.rand(512, 5632, generator=torch.Generator().manual_seed(7)) * scale
     zeros = scores.numel() // 2
     assert abs(int(project(scores, Pattern(), zeros, exact=False).sum()) - zeros) < 0.01 * zeros
+
+
+def _massive_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer whose inputs 3 and 70 carry massive activations (1e3 x the others' scale)."""
+    x = activations(4 * COLS, COLS, seed=21)
+    x[:, [3, 70]] *= 1e3
+    hessian, _ = stats(x)
+    weight = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(22)) * 0.02
+    return weight, hessian
+
+
+def test_bf16_product_keeps_the_wide_inputs_in_fp32() -> None:
+    _, hessian = _massive_problem()
+    exact = prepare_admm(hessian, 0.01, 1.0)
+    mixed = prepare_admm(hessian, 0.01, 1.0, matmul_dtype=torch.bfloat16)
+    assert mixed.inverse.dtype == torch.bfloat16 and exact.inverse.dtype == torch.float32
+    assert mixed.wide is not None and mixed.wide.tolist() == [3, 70]
+    assert torch.equal(
+        exact.times_inverse(exact.scale[None].expand(4, -1)), exact.scale[None].expand(4, -1) @ exact.inverse
+    )
+    narrow = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(23))
+    narrow[:, [3, 70]] = 0.0
+    wide = torch.zeros(ROWS, COLS)
+    wide[:, [3, 70]] = torch.randn(ROWS, 2, generator=torch.Generator().manual_seed(24))
+    for size in (1.0, 1e3, 1e6):  # the wide inputs' entries grow; the others' error must not
+        residual = narrow + size * wide
+        reference = residual.double() @ exact.inverse.double()
+        split_error = float((mixed.times_inverse(residual).double() - reference).norm())
+        plain = (residual.bfloat16() @ exact.inverse.bfloat16()).double()  # all of it in bf16
+        plain_error = float((plain - reference).norm())
+        narrow_size = float((narrow.double() @ exact.inverse.double()).norm())
+        assert split_error < 0.01 * narrow_size, (size, split_error, narrow_size)
+        if size >= 1e6:  # all of it in bf16: the wide inputs' rounding swamps the others
+            assert plain_error > narrow_size, (size, plain_error, narrow_size)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_bf16_iterations_stay_exact_in_pattern_and_close_in_error(pattern: str) -> None:
+    weight, hessian = _massive_problem()
+    parsed = Pattern.parse(pattern)
+    exact = admm_prune(weight, hessian, 0.5, parsed, iterations=8)
+    mixed = admm_prune(
+        weight,
+        hessian,
+        0.5,
+        parsed,
+        iterations=8,
+        prepared=prepare_admm(hessian, 0.01, 1.0, matmul_dtype=torch.bfloat16),
+    )
+    assert int((mixed == 0).sum()) == expected_zeros(weight.shape, parsed, 0.5)
+    assert satisfies_pattern(mixed, parsed)
+    paper = layer_error(weight, sparsegpt_prune(weight, hessian, 0.5, parsed), hessian)
+    assert layer_error(weight, mixed, hessian) < min(1.05 * layer_error(weight, exact, hessian), paper)

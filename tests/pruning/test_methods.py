@@ -166,6 +166,7 @@ def test_defaults_are_the_measured_best_and_the_papers_stay_one_option_away() ->
         "variant": "admm",
         "admm_iterations": 8,
         "admm_rho": 1.0,
+        "admm_precision": "auto",
         "refine_iterations": 4,
         "refit_damp": 0.3,
         "refit_precision": "auto",

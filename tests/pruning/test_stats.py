@@ -121,3 +121,26 @@ def test_hessian_over_panels_is_the_full_product_and_exactly_symmetric() -> None
     assert torch.equal(acc.hessian, acc.hessian.T)
     x0 = batches[0].double()
     torch.testing.assert_close(first.double(), (2.0 / 50) * x0.T @ x0, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_products_round_only_each_batch_sum() -> None:
+    gen = torch.Generator().manual_seed(2)
+    xs = [(torch.randn(64, K, generator=gen) * 3).to(torch.bfloat16) for _ in range(4)]
+    fast, exact = HessianAccumulator(K, "cpu", bf16_products=True), HessianAccumulator(K, "cpu")
+    for x in xs:
+        fast.add(x)
+        exact.add(x)
+    flat = torch.cat(xs).double()
+    expected = 2.0 / flat.shape[0] * flat.T @ flat
+    torch.testing.assert_close(exact.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    # bf16 products: within bf16's rounding of each batch's sum, and really taken in bf16.
+    torch.testing.assert_close(
+        fast.hessian.double(), expected, rtol=8e-3, atol=8e-3 * float(expected.abs().max())
+    )
+    assert not torch.equal(fast.hessian, exact.hessian)
+    assert torch.equal(fast.hessian, fast.hessian.T)
+    # fp32 inputs are always multiplied in fp32.
+    fp32 = HessianAccumulator(K, "cpu", bf16_products=True)
+    for x in xs:
+        fp32.add(x.float())
+    assert torch.equal(fp32.hessian, exact.hessian)
