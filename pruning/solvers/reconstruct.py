@@ -70,6 +70,7 @@ def reconstruct_masked(
         precondition = 1.0 / (hessian.diagonal() + damping).clamp_min(torch.finfo(torch.float32).tiny)
         product = hessian if matmul_dtype == torch.float32 else hessian.to(matmul_dtype)
         rows = weight.shape[0] if trace is not None else chunk_rows(weight.shape[1])  # trace: every row
+        work = _Workspace(min(rows, weight.shape[0]), weight.shape[1], product.dtype, device)
         reverted = 0
         for start in range(0, weight.shape[0], rows):
             chunk = slice(start, start + rows)
@@ -83,7 +84,9 @@ def reconstruct_masked(
                 precondition,
                 iterations,
                 trace,
+                work,
             )
+        del work
         weight.masked_fill_(drop, 0.0)
     if reverted:
         log.info("re-fit: %d of %d rows diverged and kept the solver's weights", reverted, weight.shape[0])
@@ -91,6 +94,20 @@ def reconstruct_masked(
         log.warning("mask reconstruction diverged (non-finite weights); keeping the solver's weights")
         return pruned
     return weight.to(device=pruned.device, dtype=pruned.dtype).add_(0.0)  # -0.0 -> +0.0
+
+
+class _Workspace:
+    """The CG buffers of one chunk of rows, allocated once per layer: fresh ones past glibc's mmap
+    threshold would be faulted in again at every step."""
+
+    def __init__(self, rows: int, cols: int, low: torch.dtype, device: torch.device) -> None:
+        fp32 = {"dtype": torch.float32, "device": device}
+        self.buffers = [torch.empty(rows, cols, **fp32) for _ in range(5)]
+        if low != torch.float32:  # a bf16 step's input and output
+            self.buffers += [torch.empty(rows, cols, dtype=low, device=device) for _ in range(2)]
+
+    def rows(self, count: int) -> list[Tensor]:
+        return [buffer[:count] for buffer in self.buffers]
 
 
 def _conjugate_gradients(
@@ -103,32 +120,35 @@ def _conjugate_gradients(
     precondition: Tensor,
     iterations: int,
     trace: list[float] | None,
+    work: _Workspace,
 ) -> int:
     """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place); `product` is H in
     the dtype of the step's matmul. Returns how many rows diverged: those whose preconditioned
     residual ended above where it started, or not finite (bf16 steps on a layer whose input norms
     span orders of magnitude can do that), get their starting weights back."""
+    kept, residual, direction, curvature, start, *low = work.rows(weight.shape[0])
+    kept.copy_(~drop)  # 1 on the kept inputs: products, not masked_fill (~4x slower on CPU)
 
-    kept = (~drop).to(torch.float32)  # 1 on the kept inputs: a product, not masked_fill (~4x slower)
-
-    def apply(x: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
-        if product.dtype == torch.float32:
-            return torch.addmm(x, x, product, beta=damping).mul_(kept)
-        return (x.to(product.dtype) @ product).float().add_(x, alpha=damping).mul_(kept)
+    def apply(x: Tensor, out: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
+        if not low:
+            return torch.addmm(x, x, product, beta=damping, out=out).mul_(kept)
+        low_in, low_out = low
+        torch.mm(low_in.copy_(x), product, out=low_out)
+        return torch.add(low_out, x, alpha=damping, out=out).mul_(kept)
 
     def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
         return (x.square() @ precondition)[:, None]
 
-    residual = apply(dense - weight)  # minus the gradient, zero off the mask
-    direction = residual * precondition
+    apply(torch.sub(dense, weight, out=direction), residual)  # minus the gradient, zero off the mask
+    torch.mul(residual, precondition, out=direction)
     rz = preconditioned_dot(residual)
-    start, rz_start = weight.clone(), rz
+    start.copy_(weight)
+    rz_start = rz
     for _ in range(iterations):
-        curvature = apply(direction)
+        apply(direction, curvature)
         step = rz / torch.linalg.vecdot(direction, curvature)[:, None].clamp_min(1e-30)
         weight.addcmul_(step, direction)
         residual.addcmul_(step, curvature, value=-1)
-        del curvature
         rz_next = preconditioned_dot(residual)
         direction.mul_(rz_next / rz.clamp_min(1e-30)).addcmul_(residual, precondition)
         rz = rz_next
