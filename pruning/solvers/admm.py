@@ -42,7 +42,9 @@ RHO_RETRIES = 4  # rho, 10x, ... if the shifted matrix fails Cholesky (it should
 # An input whose scale d_j exceeds this many times the median is "wide": its column of the iteration's
 # product stays in fp32 when the rest runs in bf16 (see PreparedADMM).
 WIDE_SCALE = 8.0
-STEP_BYTES = 8 * 2**20  # fp32 rows of a step's buffers: 4 of them + 2 bf16 per layer (K = 8192: 4 MiB 2.7 s, 16 MiB 2.3 s)
+# fp32 rows of a step's buffers (4 of them, + 2 bf16, per layer; at K = 8192 4 MiB took 2.7 s, 16 MiB
+# 2.3 s; 8 keeps the memory cgroup's margin)
+STEP_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
