@@ -93,8 +93,8 @@ class SparseGPTOptions(Strict):
     admm_rho: Annotated[float, Field(gt=0, le=100)] = Field(
         1.0, description="ADMM penalty, relative to the normalised Hessian's unit diagonal (variant admm)"
     )
-    # 'auto': measured on SmolLM2 (32 x 512 tokens, other-domain perplexity, 2026-12-01) within 1% of
-    # fp32 in all four cells, and 2.4x faster per iteration at hidden 2048 on an AMX CPU.
+    # 'auto': measured on SmolLM2 (32 x 512 tokens, other-domain perplexity, 2026-12-01) 0.7-1.6% from
+    # fp32 in the three cells run both ways, and 2.4x faster per iteration at hidden 2048 on an AMX CPU.
     admm_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="matmul dtype of the ADMM iterations' product (variant admm; inputs with massive "

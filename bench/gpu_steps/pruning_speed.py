@@ -66,6 +66,7 @@ SPARSEGPT_DEFAULTS = {
     "refit_precision": "auto",
     "admm_iterations": 8,
     "admm_rho": 1.0,
+    "admm_precision": "auto",
 }
 VARIANTS: dict[str, dict[str, Any]] = {  # name: the method and its options (sparsegpt.solve reads them)
     "wanda": {"method": "wanda"},  # the paper's Wanda (input norms only; the request default re-fits)
