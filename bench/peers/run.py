@@ -353,12 +353,7 @@ class Bench:
                         skipped = "not run (--no-default: variants only)"
                         shears = ToolResult(tool="shears", status="not_offered", note=skipped)
                         peer = ToolResult(tool="llm-compressor", status="not_offered", note=skipped)
-                    if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
-                        self.data["tools"]["llm-compressor"] = {
-                            k: peer.details[k]
-                            for k in ("version", "transformers", "torch")
-                            if k in peer.details
-                        }
+                    self._note_peer_versions(peer)
                     row = report.make_row(domain, method, pattern, shears, peer)
                     for variant, flags in VARIANTS.get(method, {}).items():
                         if variant not in config.variants:
@@ -414,6 +409,7 @@ class Bench:
                 shears = self._run("shears", job, name, names, False)
                 peer = peers.get((method, pattern)) or self._run("peer", job, name, names, False)
                 peers[method, pattern] = peer
+                self._note_peer_versions(peer)
                 self.data["scaling"]["points"].append(
                     {
                         "hidden": hidden,
@@ -431,6 +427,13 @@ class Bench:
                     }
                 )
                 self.write()
+
+    def _note_peer_versions(self, peer: ToolResult) -> None:
+        """The peer's versions, from its first successful run (quality rows or the width sweep)."""
+        if peer.status == "ok" and not self.data["tools"]["llm-compressor"]:
+            self.data["tools"]["llm-compressor"] = {
+                k: peer.details[k] for k in ("version", "transformers", "torch") if k in peer.details
+            }
 
     # -- output ------------------------------------------------------------------------------------
     def write(self) -> None:
