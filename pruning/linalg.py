@@ -24,7 +24,9 @@ def invert_lower_(lower: Tensor, block: int = BLOCK) -> Tensor:
 
     The strictly upper triangle must be zero (torch's Cholesky writes it so) and stays zero. Panels
     right to left: the trailing part is already inverted, so the panel below the diagonal block
-    becomes -inv(L22) L21 inv(L11) and the diagonal block its own inverse.
+    becomes -inv(L22) L21 inv(L11) and the diagonal block its own inverse. inv(L22) L21 is taken a
+    row block at a time over inv(L22)'s lower triangle only (half the flops of one GEMM over its
+    zero upper half), bottom to top: a row block needs the panel's rows above it, still L21.
     """
     size = lower.shape[0]
     for start in range(((size - 1) // block) * block, -1, -block):
@@ -32,7 +34,9 @@ def invert_lower_(lower: Tensor, block: int = BLOCK) -> Tensor:
         diagonal = lower[start:end, start:end]
         if end < size:
             panel = lower[end:, start:end]
-            panel.copy_(lower[end:, end:] @ panel)  # inv(L22) L21: a GEMM over L22's zero upper half
+            for rows in range(((size - end - 1) // block) * block, -1, -block):
+                stop = min(rows + block, size - end)
+                panel[rows:stop] = lower[end + rows : end + stop, end : end + stop] @ panel[:stop]
             panel.copy_(torch.linalg.solve_triangular(diagonal, panel, upper=False, left=False)).neg_()
         eye = torch.eye(end - start, dtype=lower.dtype, device=lower.device)
         diagonal.copy_(torch.linalg.solve_triangular(diagonal, eye, upper=False))
@@ -45,13 +49,22 @@ def gram_of_lower_(lower: Tensor, block: int = BLOCK) -> Tensor:
 
     Row panels top to bottom: rows [i, i + block) of M^T M need only rows >= i of M, which are
     still M; the columns left of the panel mirror rows already written, so the result is exactly
-    symmetric.
+    symmetric. Each column block j of the panel sums over rows >= j only (M is zero above its
+    diagonal): half the flops of one product over all rows >= i.
     """
     size = lower.shape[0]
     for start in range(0, size, block):
         end = min(start + block, size)
-        right = lower[start:, start:end].T @ lower[start:, start:]  # [block, K - start]
+        right = torch.empty(end - start, size - start, dtype=lower.dtype, device=lower.device)
+        for column in range(start, size, block):
+            stop = min(column + block, size)
+            torch.mm(
+                lower[column:, start:end].T,
+                lower[column:, column:stop],
+                out=right[:, column - start : stop - start],
+            )
         lower[start:end, start:] = right
+        del right
         tile = lower[start:end, start:end]  # its two halves summed in different orders: mirror one
         tile.copy_(tile.tril() + tile.tril(-1).T)
         if start:

@@ -6,6 +6,8 @@ lower flat index is pruned first), so the same scores give the same mask on CPU 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -76,8 +78,15 @@ def sample_of(values: Tensor, count: int = SAMPLE_SIZE) -> Tensor:
     """`count` entries of a 1-D tensor drawn uniformly with a fixed seed: deterministic, and free of the
     aliasing of a strided sample (a stride that divides the row length samples the same few columns
     of every row, and columns differ in scale)."""
+    return values[_sample_indices(values.numel(), count, values.device)]
+
+
+@functools.lru_cache(maxsize=4)
+def _sample_indices(numel: int, count: int, device: torch.device) -> Tensor:
+    """The indices `sample_of` draws (2 MiB; read-only): drawn once per size, not at each of ADMM's
+    projections (the draw cost as much as the gather)."""
     generator = torch.Generator().manual_seed(0)
-    return values[torch.randint(values.numel(), (count,), generator=generator).to(values.device)]
+    return torch.randint(numel, (count,), generator=generator).to(device)
 
 
 def kth_smallest(values: Tensor, k: int) -> Tensor:
