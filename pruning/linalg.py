@@ -58,13 +58,11 @@ def gram_of_lower_(lower: Tensor, block: int = BLOCK) -> Tensor:
         right = torch.empty(end - start, size - start, dtype=lower.dtype, device=lower.device)
         for column in range(start, size, block):
             stop = min(column + block, size)
-            torch.mm(
-                lower[column:, start:end].T,
-                lower[column:, column:stop],
-                out=right[:, column - start : stop - start],
+            right[:, column - start : stop - start] = (
+                lower[column:, start:end].T @ lower[column:, column:stop]
             )
         lower[start:end, start:] = right
-        del right
+        del right  # before the next panel's is allocated: one [block, K] temporary at a time
         tile = lower[start:end, start:end]  # its two halves summed in different orders: mirror one
         tile.copy_(tile.tril() + tile.tril(-1).T)
         if start:
