@@ -64,6 +64,7 @@ class PreparedADMM:
     damping: float  # the absolute value added to H's diagonal
     wide: Tensor | None = None  # bf16 F: indices of the wide inputs, [W] int64
     wide_rows: Tensor | None = None  # bf16 F: F[wide] in fp32, [W, K]
+    shrink: float = 0.0  # Hd is (1 - shrink) H + shrink diag(H) + damping I (solvers.reconstruct)
 
     def times_inverse(self, residual: Tensor) -> Tensor:
         """residual @ F in fp32 ([rows, K]); the wide inputs' part in fp32 when F is bf16."""
@@ -95,13 +96,17 @@ def prepare_admm(
     rho: float,
     device: torch.device | None = None,
     matmul_dtype: torch.dtype = torch.float32,
+    shrink: float = 0.0,
 ) -> PreparedADMM:
-    """Factorise once per Hessian; `damp` is relative to mean(diag H) (as SparseGPT's).
+    """Factorise once per Hessian; `damp` is relative to mean(diag H) (as SparseGPT's). `shrink`
+    (0 <= s < 1): the off-diagonal of H counts (1 - s) times (reconstruct_masked's `shrink`).
 
     `matmul_dtype` bf16: F is kept in bf16 for the iterations' product, but for its wide inputs'
     rows (PreparedADMM); the fp32 factorisation is freed."""
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
+    if not 0.0 <= shrink < 1.0:
+        raise ValueError(f"shrink must be in [0, 1), got {shrink}")
     if not bool(torch.isfinite(hessian.diagonal()).all()):
         raise RuntimeError("ADMM: the Hessian has NaN or infinite entries (the layer's inputs overflowed)")
     with ieee_fp32_matmul():
@@ -114,6 +119,8 @@ def prepare_admm(
         for _ in range(RHO_RETRIES + 1):
             # One K x K buffer: the scaled, shifted Hessian becomes its Cholesky factor, then F.
             matrix = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+            if shrink:  # the diagonal stays diag(H) + damping, so the scale d does too
+                matrix.mul_(1.0 - shrink).diagonal().add_(diag, alpha=shrink)
             matrix.diagonal().add_(damping)
             matrix.mul_(inverse_scale[:, None]).mul_(inverse_scale[None, :])
             matrix.diagonal().add_(shift)
@@ -123,10 +130,10 @@ def prepare_admm(
                 if shift != rho:
                     log.warning("ADMM: the shifted Hessian needed rho %g (asked for %g)", shift, rho)
                 if matmul_dtype == torch.float32:
-                    return PreparedADMM(scale, matrix, shift, damping)
+                    return PreparedADMM(scale, matrix, shift, damping, shrink=shrink)
                 wide = (scale > WIDE_SCALE * scale.median()).nonzero()[:, 0]
                 wide_rows = matrix[wide]  # a copy (advanced indexing)
-                return PreparedADMM(scale, matrix.to(matmul_dtype), shift, damping, wide, wide_rows)
+                return PreparedADMM(scale, matrix.to(matmul_dtype), shift, damping, wide, wide_rows, shrink)
             del matrix
             shift *= 10
     raise RuntimeError(
@@ -188,6 +195,7 @@ def admm_prune(
     prepared: PreparedADMM | None = None,
     trace: list[float] | None = None,
     refit_dtype: torch.dtype = torch.float32,
+    shrink: float = 0.0,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned by ADMM, kept weights re-fitted.
 
@@ -202,7 +210,7 @@ def admm_prune(
     if iterations < 1:
         raise ValueError(f"iterations must be positive, got {iterations}")
     device = weight.device
-    prepared = prepared or prepare_admm(hessian, damp, rho, device)
+    prepared = prepared or prepare_admm(hessian, damp, rho, device, shrink=shrink)
     ramp = round(0.6 * iterations) if ramp is None else ramp
     target = pattern.sparsity if pattern.structured else sparsity
     numel = rows * cols
@@ -245,7 +253,7 @@ def admm_prune(
         del state
     hess = hessian.detach().to(device=device, dtype=torch.float32)
     if trace is not None:
-        trace.append(damped_objective(weight, start, hess, prepared.damping))
+        trace.append(damped_objective(weight, start, hess, prepared.damping, prepared.shrink))
     result = reconstruct_masked(
         weight,
         start,
@@ -256,6 +264,7 @@ def admm_prune(
         trace=trace,
         matmul_dtype=refit_dtype,
         in_place=True,  # `start` is this function's own buffer
+        shrink=prepared.shrink,
     )
     if not all_finite(result):
         raise RuntimeError("ADMM produced non-finite weights; the layer's Hessian is degenerate")
@@ -263,11 +272,17 @@ def admm_prune(
 
 
 @torch.no_grad()
-def damped_objective(dense: Tensor, weight: Tensor, hessian: Tensor, damping: float) -> float:
-    """tr((W - W0) (H + damping I) (W - W0)^T), the quantity every solver here minimises."""
+def damped_objective(
+    dense: Tensor, weight: Tensor, hessian: Tensor, damping: float, shrink: float = 0.0
+) -> float:
+    """tr((W - W0) (H + damping I) (W - W0)^T), the quantity every solver here minimises (with
+    `shrink`: H's off-diagonal weighted 1 - shrink, reconstruct_masked's)."""
     with ieee_fp32_matmul():
         delta = weight.detach().to(torch.float32) - dense.detach().to(
             device=weight.device, dtype=torch.float32
         )
         hess = hessian.to(device=weight.device, dtype=torch.float32)
+        if shrink:
+            ridge = hess.diagonal() * shrink + damping
+            return float((torch.mul(delta, ridge).addmm_(delta, hess, alpha=1.0 - shrink) * delta).sum())
         return float((torch.addmm(delta, delta, hess, beta=damping) * delta).sum())

@@ -46,6 +46,7 @@ def reconstruct_masked(
     trace: list[float] | None = None,
     matmul_dtype: torch.dtype = torch.float32,
     in_place: bool = False,
+    shrink: float = 0.0,
 ) -> Tensor:
     """`pruned`'s zero pattern with its kept weights re-fitted to `dense` under H + damping * I.
 
@@ -57,11 +58,18 @@ def reconstruct_masked(
     CPUs with AVX512-BF16/AMX and on GPUs); the iterate, residual and the objective stay fp32.
     in_place: `pruned` is the caller's own scratch buffer: an fp32 one on H's device is fitted in
     place rather than copied (a [out, in] fp32 buffer less at a block's memory peak).
+    shrink: the fit's matrix is (1 - shrink) H + shrink diag(H) + damping I instead, H shrunk towards
+    its diagonal (Ledoit and Wolf's estimator of a covariance from few samples): the inputs' energies
+    are kept and their cross-correlations, the part of H most particular to the calibration text,
+    trusted less. 0 is plain H; 1 a diagonal matrix, under which the best fit is the kept weights as
+    they are.
     Returns a new tensor in `pruned`'s dtype (`pruned` itself with in_place, or if the iteration
     breaks down).
     """
     if iterations <= 0:
         return pruned
+    if not 0.0 <= shrink < 1.0:
+        raise ValueError(f"shrink must be in [0, 1), got {shrink}")
     device = hessian.device
     with ieee_fp32_matmul():
         weight = pruned.detach().to(device=device, dtype=torch.float32, copy=not in_place)
@@ -81,6 +89,7 @@ def reconstruct_masked(
                 hessian,
                 product,
                 damping,
+                shrink,
                 precondition,
                 iterations,
                 trace,
@@ -117,24 +126,31 @@ def _conjugate_gradients(
     hessian: Tensor,
     product: Tensor,
     damping: float,
+    shrink: float,
     precondition: Tensor,
     iterations: int,
     trace: list[float] | None,
     work: _Workspace,
 ) -> int:
     """Jacobi-preconditioned CG on rows of `weight` (a view, updated in place); `product` is H in
-    the dtype of the step's matmul. Returns how many rows diverged: those whose preconditioned
+    the dtype of the step's matmul; the matrix fitted under is (1 - shrink) H + diag(damping + shrink
+    H_jj) (reconstruct_masked). Returns how many rows diverged: those whose preconditioned
     residual ended above where it started, or not finite (bf16 steps on a layer whose input norms
     span orders of magnitude can do that), get their starting weights back."""
     kept, residual, direction, curvature, start, *low = work.rows(weight.shape[0])
     kept.copy_(~drop)  # 1 on the kept inputs: products, not masked_fill (~4x slower on CPU)
+    ridge = hessian.diagonal() * shrink + damping if shrink else None  # [K]; None: the plain H + d I
 
-    def apply(x: Tensor, out: Tensor) -> Tensor:  # x (H + d I), restricted to each row's kept inputs
+    def apply(x: Tensor, out: Tensor) -> Tensor:  # x times the fit's matrix, on each row's kept inputs
         if not low:
-            return torch.addmm(x, x, product, beta=damping, out=out).mul_(kept)
+            if ridge is None:
+                return torch.addmm(x, x, product, beta=damping, out=out).mul_(kept)
+            return torch.mul(x, ridge, out=out).addmm_(x, product, alpha=1.0 - shrink).mul_(kept)
         low_in, low_out = low
         torch.mm(low_in.copy_(x), product, out=low_out)
-        return torch.add(low_out, x, alpha=damping, out=out).mul_(kept)
+        if ridge is None:
+            return torch.add(low_out, x, alpha=damping, out=out).mul_(kept)
+        return torch.mul(x, ridge, out=out).add_(low_out, alpha=1.0 - shrink).mul_(kept)
 
     def preconditioned_dot(x: Tensor) -> Tensor:  # per row, sum_j x_j^2 / (H_jj + d)
         return (x.square() @ precondition)[:, None]
@@ -154,7 +170,11 @@ def _conjugate_gradients(
         rz = rz_next
         if trace is not None:
             delta = weight - dense
-            trace.append(float((torch.addmm(delta, delta, hessian, beta=damping) * delta).sum()))
+            if ridge is None:
+                curved = torch.addmm(delta, delta, hessian, beta=damping)
+            else:
+                curved = torch.mul(delta, ridge).addmm_(delta, hessian, alpha=1.0 - shrink)
+            trace.append(float((curved * delta).sum()))
     diverged = ~(rz <= rz_start)[:, 0] | ~torch.isfinite(weight.sum(dim=1))  # NaN compares False
     if bool(diverged.any()):
         weight[diverged] = start[diverged]

@@ -136,12 +136,13 @@ def sparsegpt_prune(
     refine_iterations: int = 0,
     refit_damp: float | None = None,
     refit_dtype: torch.dtype = torch.float32,
+    refit_shrink: float = 0.0,
 ) -> Tensor:
     """A new [out, in] tensor in `weight`'s dtype and device: pruned, with kept weights updated.
 
     With `refine_iterations` > 0 the kept weights are then re-fitted to the final mask
-    (solvers.reconstruct) under damping `refit_damp` (relative, like `damp`; default: `damp`);
-    0 is the algorithm of the paper.
+    (solvers.reconstruct) under damping `refit_damp` (relative, like `damp`; default: `damp`) and
+    H shrunk towards its diagonal by `refit_shrink`; 0 is the algorithm of the paper.
 
     Unstructured: round(sparsity * numel) zeros in all (the count of each block of columns is set
     so that the block totals add up to it exactly), chosen per block from the updated weights.
@@ -180,7 +181,7 @@ def sparsegpt_prune(
         # The same relative scaling as SparseGPT's damping (including any retry's increase).
         damping = prepared.damping if refit_damp is None else prepared.damping * refit_damp / damp
         result = reconstruct_masked(
-            weight, result, hess, damping, refine_iterations, matmul_dtype=refit_dtype
+            weight, result, hess, damping, refine_iterations, matmul_dtype=refit_dtype, shrink=refit_shrink
         )
     return result.contiguous()
 
@@ -222,7 +223,14 @@ def prepare(statistic: Tensor, options: SparseGPTOptions, device: torch.device) 
     """Once per shared input: SparseGPT's inverse factor, or ADMM's shifted inverse."""
     if options.variant == "admm":
         dtype = refit_matmul_dtype(options.admm_precision, device)
-        return prepare_admm(statistic, options.refit_damp, options.admm_rho, device, matmul_dtype=dtype)
+        return prepare_admm(
+            statistic,
+            options.refit_damp,
+            options.admm_rho,
+            device,
+            matmul_dtype=dtype,
+            shrink=options.refit_shrink,
+        )
     return prepare_hessian(statistic, options.damp, device)
 
 
@@ -248,6 +256,7 @@ def solve(
             refine_iterations=options.refine_iterations,
             prepared=prepared,
             refit_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
+            shrink=options.refit_shrink,
         )
     assert prepared is None or isinstance(prepared, PreparedHessian)
     return sparsegpt_prune(
@@ -261,6 +270,7 @@ def solve(
         refine_iterations=0 if options.variant == "paper" else options.refine_iterations,
         refit_damp=options.refit_damp,
         refit_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
+        refit_shrink=options.refit_shrink,
     )
 
 

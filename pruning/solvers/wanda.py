@@ -67,4 +67,5 @@ def solve(
         drop=pruned,
         matmul_dtype=refit_matmul_dtype(options.refit_precision, weight.device),
         in_place=True,  # apply_mask's result is a new tensor
+        shrink=options.refit_shrink,
     )

@@ -196,3 +196,30 @@ def test_bf16_iterations_stay_exact_in_pattern_and_close_in_error(pattern: str) 
     assert satisfies_pattern(mixed, parsed)
     paper = layer_error(weight, sparsegpt_prune(weight, hessian, 0.5, parsed), hessian)
     assert layer_error(weight, mixed, hessian) < min(1.05 * layer_error(weight, exact, hessian), paper)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_a_shrunk_hessian_keeps_the_pattern_and_the_fit_descending(problem, pattern: str) -> None:
+    """`shrink`: ADMM's F and the re-fit both read (1 - s) H + s diag(H) + d I; the exact pattern, a
+    non-increasing objective under that matrix, and 0 is the plain solver, bit for bit."""
+    weight, hessian = problem
+    parsed = Pattern.parse(pattern)
+    trace: list[float] = []
+    out = admm_prune(
+        weight, hessian, 0.5, parsed, iterations=8, refine_iterations=10, trace=trace, shrink=0.5
+    )
+    assert int((out == 0).sum()) == expected_zeros(weight.shape, parsed, 0.5) and satisfies_pattern(
+        out, parsed
+    )
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(trace)), trace
+    prepared = prepare_admm(hessian, 0.01, 1.0, shrink=0.5)
+    shrunk = 0.5 * hessian + torch.diag(0.5 * hessian.diagonal() + prepared.damping)
+    expected = torch.linalg.inv(
+        shrunk / (prepared.scale[:, None] * prepared.scale[None, :]) + torch.eye(COLS)
+    )
+    torch.testing.assert_close(prepared.inverse, expected, rtol=1e-3, atol=1e-3)
+    plain = admm_prune(weight, hessian, 0.5, parsed, iterations=8, shrink=0.0)
+    assert torch.equal(bits(plain), bits(admm_prune(weight, hessian, 0.5, parsed, iterations=8)))
+    assert not torch.equal(
+        bits(plain), bits(admm_prune(weight, hessian, 0.5, parsed, iterations=8, shrink=0.5))
+    )

@@ -132,6 +132,8 @@ def test_solve_through_the_entry_needs_its_statistic() -> None:
             "refit_precision: only used by variant 'refit'",
         ),
         ("sparsegpt", {"damp": 0.05}, "damp: only used by variants 'paper' and 'refit'"),  # default: admm
+        ("wanda", {"variant": "paper", "refit_shrink": 0.2}, "refit_shrink: only used by variant 'refit'"),
+        ("wanda", {"refit_shrink": 1.0}, "less than 1"),  # a diagonal H: the re-fit would do nothing
     ],
 )
 def test_options_a_variant_ignores_are_refused(method: str, options: dict, message: str) -> None:
@@ -169,6 +171,7 @@ def test_defaults_are_the_measured_best_and_the_papers_stay_one_option_away() ->
         "admm_precision": "auto",
         "refine_iterations": 4,
         "refit_damp": 0.3,
+        "refit_shrink": 0.0,
         "refit_precision": "auto",
     }
     wanda = PruneRequest(model="m", method="wanda", sparsity=0.5).method_options
@@ -178,6 +181,7 @@ def test_defaults_are_the_measured_best_and_the_papers_stay_one_option_away() ->
         "variant": "refit",
         "refine_iterations": 4,
         "refit_damp": 0.1,
+        "refit_shrink": 0.5,
         "refit_precision": "auto",
     }
     assert METHODS["wanda"].statistic_of(wanda) == "hessian"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -117,3 +119,42 @@ def test_in_place_fits_the_callers_buffer_to_the_same_values() -> None:
     buffer = start.clone()
     fitted = reconstruct_masked(dense, buffer, hessian, 1e-2, 5, in_place=True)
     assert fitted.data_ptr() == buffer.data_ptr() and torch.equal(fitted, copied)
+
+
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
+def test_a_shrunk_hessian_is_the_fit_under_its_shrunk_matrix(matmul_dtype: torch.dtype) -> None:
+    """shrink s fits under (1 - s) H + s diag(H) + d I, on both step dtypes: it converges to that
+    matrix's optimum, its objective never rises, and the mask and its zeros are kept exactly."""
+    dense, hessian = _problem(rows=16, cols=64, seed=21)
+    damping, shrink = 0.01 * float(hessian.diagonal().mean()), 0.4
+    shrunk = (1 - shrink) * hessian + torch.diag(shrink * hessian.diagonal() + damping)
+    pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern.parse("2:4"))
+    trace: list[float] = []
+    fitted = reconstruct_masked(
+        dense, pruned, hessian, damping, 12, trace=trace, matmul_dtype=matmul_dtype, shrink=shrink
+    )
+    assert torch.equal(fitted == 0, pruned == 0) and satisfies_pattern(fitted, Pattern.parse("2:4"))
+    assert all(b <= a * (1 + 1e-4) for a, b in itertools.pairwise(trace))
+    exact = _exact(dense, pruned, shrunk)
+    start, end, best = (_objective(dense, w, shrunk) for w in (pruned, fitted, exact))
+    assert end < start and end - best < (0.05 if matmul_dtype == torch.bfloat16 else 1e-3) * (start - best)
+    if matmul_dtype == torch.float32:  # not H's optimum: the shrunk matrix is another problem
+        plain = _exact(dense, pruned, hessian + damping * torch.eye(hessian.shape[0]))
+        assert (exact - plain).abs().max() > 1e-2
+
+
+def test_shrinking_towards_the_diagonal_pulls_the_fit_back_to_the_kept_weights() -> None:
+    """Under diag(H) alone the kept weights are already optimal, so the larger the shrink the
+    smaller the re-fit's move; 0 is the plain fit, bit for bit."""
+    dense, hessian = _problem(rows=16, cols=64, seed=22)
+    pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern())
+    start = torch.where(pruned != 0, dense, 0.0)  # Wanda-like: the kept weights untouched
+    moves = [
+        float((reconstruct_masked(dense, start, hessian, 1e-2, 10, shrink=s) - start).norm())
+        for s in (0.0, 0.5, 0.9, 0.99)
+    ]
+    assert moves == sorted(moves, reverse=True) and moves[-1] < 0.1 * moves[0]
+    plain = reconstruct_masked(dense, start, hessian, 1e-2, 10)
+    assert torch.equal(reconstruct_masked(dense, start, hessian, 1e-2, 10, shrink=0.0), plain)
+    with pytest.raises(ValueError, match="shrink"):
+        reconstruct_masked(dense, start, hessian, 1e-2, 10, shrink=1.0)
