@@ -33,7 +33,7 @@ from torch import Tensor
 from shears.pattern import Pattern
 from shears.pruning.linalg import all_finite, cholesky_inverse_, chunk_rows
 from shears.pruning.masks import SAMPLE_SIZE, check_solver_args, lowest_k_mask, nm_group_mask, sample_of
-from shears.pruning.solvers.reconstruct import reconstruct_masked
+from shears.pruning.solvers.reconstruct import reconstruct_masked, times_fit_matrix
 from shears.pruning.stats import ieee_fp32_matmul
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,4 @@ def damped_objective(
             device=weight.device, dtype=torch.float32
         )
         hess = hessian.to(device=weight.device, dtype=torch.float32)
-        if shrink:
-            ridge = hess.diagonal() * shrink + damping
-            return float((torch.mul(delta, ridge).addmm_(delta, hess, alpha=1.0 - shrink) * delta).sum())
-        return float((torch.addmm(delta, delta, hess, beta=damping) * delta).sum())
+        return float((times_fit_matrix(delta, hess, damping, shrink) * delta).sum())

@@ -105,6 +105,14 @@ def reconstruct_masked(
     return weight.to(device=pruned.device, dtype=pruned.dtype).add_(0.0)  # -0.0 -> +0.0
 
 
+def times_fit_matrix(x: Tensor, hessian: Tensor, damping: float, shrink: float = 0.0) -> Tensor:
+    """x ((1 - shrink) H + diag(shrink H_jj + damping)), a new fp32 [rows, K] tensor: the matrix every
+    fit here minimises under (objectives and traces; the CG steps run it in their own buffers)."""
+    if not shrink:
+        return torch.addmm(x, x, hessian, beta=damping)
+    return torch.mul(x, hessian.diagonal() * shrink + damping).addmm_(x, hessian, alpha=1.0 - shrink)
+
+
 class _Workspace:
     """The CG buffers of one chunk of rows, allocated once per layer: fresh ones past glibc's mmap
     threshold would be faulted in again at every step."""
@@ -170,11 +178,7 @@ def _conjugate_gradients(
         rz = rz_next
         if trace is not None:
             delta = weight - dense
-            if ridge is None:
-                curved = torch.addmm(delta, delta, hessian, beta=damping)
-            else:
-                curved = torch.mul(delta, ridge).addmm_(delta, hessian, alpha=1.0 - shrink)
-            trace.append(float((curved * delta).sum()))
+            trace.append(float((times_fit_matrix(delta, hessian, damping, shrink) * delta).sum()))
     diverged = ~(rz <= rz_start)[:, 0] | ~torch.isfinite(weight.sum(dim=1))  # NaN compares False
     if bool(diverged.any()):
         weight[diverged] = start[diverged]
