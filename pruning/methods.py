@@ -82,9 +82,9 @@ class SparseGPTOptions(Strict):
         description="dampening of the re-fit and of ADMM, relative to mean(diag H): a pull towards the "
         "dense weights that keeps the fit from overfitting the calibration text",
     )
-    # 0 (plain H): 0.5, Wanda's default, measured on SmolLM2's four other-domain cells (2026-12-02) gained
-    # in one (50% Shakespeare -> GSM8K 0.861x -> 0.851x the peer's) and lost in the other three; ADMM's
-    # mask is chosen against H and refit_damp 0.3 already pulls hard towards the dense weights.
+    # 0 (plain H): 0.5, Wanda's default, measured on SmolLM2's four other-domain cells (2026-12-02) was
+    # no better in any (README "Benchmarks"); ADMM's mask is chosen against H and refit_damp 0.3 already
+    # pulls hard towards the dense weights.
     refit_shrink: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.0,
         description="shrinks the Hessian of the re-fit and of ADMM towards its diagonal, (1 - s) H + "
