@@ -63,6 +63,7 @@ SPARSEGPT_DEFAULTS = {
     "damp": 0.01,
     "refine_iterations": 4,
     "refit_damp": 0.3,
+    "refit_shrink": 0.0,
     "refit_precision": "auto",
     "admm_iterations": 8,
     "admm_rho": 1.0,
