@@ -112,5 +112,6 @@ def test_variants_end_to_end_fit_closer_than_the_papers(tiny_llama, tmp_path, co
         assert manifest["solver"]["variant"] == name.split("-")[1]
         errors[name] = sum(block["model_error"] for block in manifest["blocks"])
     assert manifest["solver"]["refit_precision"] == manifest["solver"]["refit_matmul_dtype"] == "bfloat16"
+    assert manifest["solver"]["refit_shrink"] == 0.5  # Wanda's default: H shrunk halfway to its diagonal
     assert errors["sparsegpt-admm"] < errors["sparsegpt-paper"]
     assert errors["wanda-refit"] < errors["wanda-paper"]
