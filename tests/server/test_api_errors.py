@@ -64,6 +64,11 @@ def _submit(http: httpx.Client, body: Any, **headers: str) -> httpx.Response:
         {"method": "magnitude", "error_correction": {}},  # no Hessian solve to correct
         {"method": "wanda", "wanda": {"variant": "paper"}, "error_correction": {}},
         {"method": "sparsegpt", "true_sequential": True, "error_correction": {}},
+        {"method": "wanda", "wanda": {"refit_shrink": 1.0}},  # a diagonal H: the re-fit would do nothing
+        {"method": "wanda", "wanda": {"refit_shrink": -0.1}},
+        {"method": "wanda", "wanda": {"refit_shrink": "half"}},
+        {"method": "wanda", "wanda": {"variant": "paper", "refit_shrink": 0.3}},  # paper re-fits nothing
+        {"method": "sparsegpt", "sparsegpt": {"variant": "paper", "refit_shrink": 0.3}},
     ],
 )
 def test_wrong_types_and_fields(http: httpx.Client, model_root: Path, change: dict[str, Any]) -> None:
