@@ -29,7 +29,7 @@ from shears.pruning.experts import MIN_EXPERT_TOKENS, ExpertCapture, RoutedInput
 from shears.pruning.masks import achieved_sparsity
 from shears.pruning.methods import METHODS
 from shears.pruning.prunable import ExpertsModule, Prunable
-from shears.pruning.resources import cpu_has_fast_bf16, release_freed_memory
+from shears.pruning.resources import cpu_has_fast_bf16, fast_matmul_dtype, release_freed_memory
 from shears.pruning.solvers import layer_error
 from shears.pruning.solvers.correction import corrected_target, correction_factor
 from shears.pruning.stats import ACCUMULATORS, Accumulator, CorrectionAccumulator, HessianAccumulator
@@ -279,7 +279,11 @@ def _solve_layers(
             prepared=prepared.get(id(acc)),
         ).to(view.dtype)
         hessian = statistic if needed == "hessian" else None
-        error = layer_error(weight, pruned, hessian, max_rows=ERROR_ROWS) if hessian is not None else None
+        error = None
+        if hessian is not None:  # a report's estimate: bf16 products where they are fast
+            error = layer_error(
+                weight, pruned, hessian, max_rows=ERROR_ROWS, matmul_dtype=fast_matmul_dtype(view.device)
+            )
         del weight, statistic, hessian
         view.copy_(pruned)
         if write_block:

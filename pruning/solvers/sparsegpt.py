@@ -275,12 +275,22 @@ def solve(
 
 
 @torch.no_grad()
-def layer_error(weight: Tensor, pruned: Tensor, hessian: Tensor, *, max_rows: int | None = None) -> float:
+def layer_error(
+    weight: Tensor,
+    pruned: Tensor,
+    hessian: Tensor,
+    *,
+    max_rows: int | None = None,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> float:
     """Relative reconstruction error tr(dW H dW^T) / tr(W H W^T) = ||WX - W'X||^2 / ||WX||^2.
 
     `max_rows`: on a layer with more rows, both traces are taken over every k-th row only (at most
     `max_rows`, evenly strided, deterministic): an estimate, at a fraction of the 2 x rows x K^2
     flops of the exact value (at hidden 2048 the exact value of every layer cost 10% of a job).
+    `matmul_dtype`: bf16 runs the two products in bf16 (fp32 accumulation; the operands rounded, so
+    ~2^-8 relative on the result): a report's estimate where bf16 is fast (4x at K = 8192 on an
+    AVX512-BF16 CPU, where the fp32 products of 512 rows cost 0.8 s a down projection).
     """
     rows = weight.shape[0]
     if max_rows is not None and rows > max_rows:
@@ -290,8 +300,9 @@ def layer_error(weight: Tensor, pruned: Tensor, hessian: Tensor, *, max_rows: in
         hess = hessian.detach().to(device=weight.device, dtype=torch.float32)
         w = weight.detach().to(torch.float32)
         delta = w - pruned.detach().to(device=weight.device, dtype=torch.float32)
-        numerator = float(((delta @ hess) * delta).sum())
-        denominator = float(((w @ hess) * w).sum())
+        product = hess.to(matmul_dtype)
+        numerator = float(((delta.to(matmul_dtype) @ product).float() * delta).sum())
+        denominator = float(((w.to(matmul_dtype) @ product).float() * w).sum())
     if denominator == 0:
         return 0.0 if numerator == 0 else float("inf")
     return numerator / denominator

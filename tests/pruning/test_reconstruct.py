@@ -158,3 +158,24 @@ def test_shrinking_towards_the_diagonal_pulls_the_fit_back_to_the_kept_weights()
     assert torch.equal(reconstruct_masked(dense, start, hessian, 1e-2, 10, shrink=0.0), plain)
     with pytest.raises(ValueError, match="shrink"):
         reconstruct_masked(dense, start, hessian, 1e-2, 10, shrink=1.0)
+
+
+@pytest.mark.parametrize("matmul_dtype", [torch.float32, torch.bfloat16])
+def test_rows_fitted_in_chunks_match_one_chunk(monkeypatch, matmul_dtype) -> None:
+    """Rows are independent: the chunk size (CHUNK_BYTES) changes the speed, not the result, and a
+    last partial chunk is fitted like the others (buffers reused across chunks carry nothing over)."""
+    from shears.pruning.solvers import reconstruct
+
+    dense, hessian = _problem(rows=37, cols=64, seed=5)
+    pruned = sparsegpt_prune(dense, hessian, 0.5, Pattern())
+    damping = 0.1 * float(hessian.diagonal().mean())
+    fits = {}
+    for chunk_bytes in (16 * 64 * 4, 1 << 30):  # 16-row chunks (37 = 16 + 16 + 5), then all rows at once
+        monkeypatch.setattr(reconstruct, "CHUNK_BYTES", chunk_bytes)
+        fits[chunk_bytes] = reconstruct_masked(
+            dense, pruned, hessian, damping, 4, matmul_dtype=matmul_dtype, shrink=0.5
+        )
+    chunked, whole = fits.values()
+    assert torch.equal(chunked == 0, pruned == 0)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole, pruned)  # the fit moved the kept weights

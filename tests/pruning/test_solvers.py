@@ -348,3 +348,15 @@ def test_layer_error_on_strided_rows_estimates_the_exact_value(layer) -> None:
     sampled = layer_error(weight[::stride], pruned[::stride], hessian)
     assert layer_error(weight, pruned, hessian, max_rows=8) == sampled
     assert sampled == pytest.approx(exact, rel=0.5)
+
+
+def test_layer_error_in_bf16_products_is_the_fp32_value_to_bf16_precision(layer) -> None:
+    """matmul_dtype bf16 (the engine's report where bf16 is fast): operands rounded to bf16, the
+    result within a few 2^-9 of the fp32 value, and still zero for an unpruned layer."""
+    weight, hessian, _, _ = layer
+    pruned = sparsegpt_prune(weight, hessian, 0.5, Pattern())
+    exact = layer_error(weight, pruned, hessian)
+    estimate = layer_error(weight, pruned, hessian, matmul_dtype=torch.bfloat16)
+    assert estimate != exact  # the products did run in bf16
+    assert estimate == pytest.approx(exact, rel=4 * 2**-9)
+    assert layer_error(weight, weight, hessian, matmul_dtype=torch.bfloat16) == 0.0
