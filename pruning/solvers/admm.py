@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from shears.pattern import Pattern
-from shears.pruning.linalg import all_finite, cholesky_inverse_, chunk_rows
+from shears.pruning.linalg import all_finite, cholesky_inverse_, chunk_rows, gram_of_lower_, invert_lower_
 from shears.pruning.masks import SAMPLE_SIZE, check_solver_args, lowest_k_mask, nm_group_mask, sample_of
 from shears.pruning.solvers.reconstruct import reconstruct_masked, times_fit_matrix
 from shears.pruning.stats import ieee_fp32_matmul
@@ -126,14 +126,22 @@ def prepare_admm(
             matrix.diagonal().add_(shift)
             _, info = torch.linalg.cholesky_ex(matrix, out=(matrix, torch.empty((), dtype=torch.int32)))
             if int(info) == 0:
-                cholesky_inverse_(matrix)  # in place at GEMM speed (LAPACK's potri: ~10x slower)
                 if shift != rho:
                     log.warning("ADMM: the shifted Hessian needed rho %g (asked for %g)", shift, rho)
                 if matmul_dtype == torch.float32:
+                    cholesky_inverse_(matrix)  # in place at GEMM speed (LAPACK's potri: ~10x slower)
                     return PreparedADMM(scale, matrix, shift, damping, shrink=shrink)
+                # A bf16 product: F = M^T M (M = L^-1 in fp32). The wide inputs' rows of F in fp32
+                # from M's fp32 columns; the rest a Gram of M rounded to bf16 (each entry summed in
+                # fp32 inside one matmul; F is rounded to bf16 for the iterations anyway). Measured
+                # 2026-12-02 (AMD EPYC, AVX512-BF16): this preparation 5.4 s -> 4.2 s at K = 8192; on
+                # 16 SmolLM2 layers, ADMM's masks 99.8% the same, errors on other-domain text +-0.05%.
+                invert_lower_(matrix)
                 wide = (scale > WIDE_SCALE * scale.median()).nonzero()[:, 0]
-                wide_rows = matrix[wide]  # a copy (advanced indexing)
-                return PreparedADMM(scale, matrix.to(matmul_dtype), shift, damping, wide, wide_rows, shrink)
+                wide_rows = matrix[:, wide].T @ matrix  # F[wide] = M[:, wide]^T M, [W, K]
+                low = matrix.to(matmul_dtype)
+                del matrix  # the fp32 K x K buffer goes before the Gram's temporaries come
+                return PreparedADMM(scale, gram_of_lower_(low), shift, damping, wide, wide_rows, shrink)
             del matrix
             shift *= 10
     raise RuntimeError(

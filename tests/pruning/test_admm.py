@@ -179,6 +179,23 @@ def test_bf16_product_keeps_the_wide_inputs_in_fp32() -> None:
             assert plain_error > narrow_size, (size, plain_error, narrow_size)
 
 
+def test_bf16_inverse_is_fp32_inverse_to_bf16_precision_and_its_wide_rows_exact() -> None:
+    """bf16 F: a Gram of L^-1 rounded to bf16 (entries within a few 2^-9 of the diagonal's scale of
+    the fp32 F), exactly symmetric; the wide inputs' rows come from fp32 columns (fp32-close)."""
+    _, hessian = _massive_problem()
+    exact = prepare_admm(hessian, 0.01, 1.0)
+    mixed = prepare_admm(hessian, 0.01, 1.0, matmul_dtype=torch.bfloat16)
+    assert torch.equal(mixed.scale, exact.scale) and mixed.damping == exact.damping
+    assert torch.equal(mixed.inverse, mixed.inverse.T)
+    diagonal = exact.inverse.diagonal()
+    scale = (diagonal[:, None] * diagonal[None, :]).sqrt()
+    error = (mixed.inverse.float() - exact.inverse).abs() / scale
+    assert float(error.max()) < 8 * 2**-9
+    assert float(error.max()) > 0  # the Gram did run in bf16
+    assert mixed.wide_rows is not None and mixed.wide_rows.dtype == torch.float32
+    torch.testing.assert_close(mixed.wide_rows, exact.inverse[[3, 70]], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_bf16_iterations_stay_exact_in_pattern_and_close_in_error(pattern: str) -> None:
     weight, hessian = _massive_problem()
