@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # fp32 bytes of one CG buffer (6 of them, + 2 bf16, per layer). The chunk's rows are the product's M:
 # at K = 8192, 4 MiB (128 rows) ran the bf16 matmul at 0.49 TFLOPS, 8 MiB (256 rows) at 0.68, all
-# rows at 0.71 (AMD EPYC with AVX512-BF16, 2026-12-02); the down projection's re-fit took 4.3 s, 3.2.
+# rows at 0.71 (AMD EPYC with AVX512-BF16, 2026-12-02); a down projection's re-fit took 2.7 s, 2.2.
 CHUNK_BYTES = 8 * 2**20
 
 
