@@ -32,6 +32,7 @@ import torch
 from bench.peers.domains import domain_windows
 from shears.pattern import Pattern
 from shears.pruning.masks import apply_mask, prune_mask
+from shears.pruning.solvers import layer_error
 from shears.pruning.solvers.reconstruct import reconstruct_masked
 from shears.pruning.solvers.wanda import wanda_scores
 from shears.pruning.stats import HessianAccumulator
@@ -39,8 +40,11 @@ from shears.pruning.stats import HessianAccumulator
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = (2, 12, 22, 28)
 LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
-FITS = [("full", 0, 0)] + [
-    (kind, k, steps) for kind, steps in (("eig", 0), ("sketch", 0), ("sketch", 1)) for k in (16, 8, 4)
+# (label, how Q is found, r as a fraction K / r of the layer's inputs, power steps); K / 0: the full H.
+FITS = [("full", "", 0, 0)] + [
+    (f"{kind}{steps if kind == 'sketch' else ''} r=K/{k}", kind, k, steps)
+    for kind, steps in (("eig", 0), ("sketch", 0), ("sketch", 1))
+    for k in (16, 8, 4)
 ]
 DOMAINS = ("shakespeare", "gsm8k")
 SHRINK, DAMP, STEPS = 0.5, 0.1, 4  # Wanda's defaults (pruning.methods.WandaOptions)
@@ -77,11 +81,6 @@ def low_rank(hessian: torch.Tensor, rank: int, kind: str, power_steps: int) -> t
     approx = q @ (q.T @ h @ q) @ q.T
     approx.diagonal().copy_(h.diagonal())
     return approx.float()
-
-
-def relative_error(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    delta, w, h = (weight - dense).double(), dense.double(), hessian.double()
-    return float(((delta @ h) * delta).sum() / ((w @ h) * w).sum())
 
 
 def main() -> None:
@@ -127,22 +126,17 @@ def main() -> None:
                 hessian, held_out, dense = stats[calibration][name], stats[other][name], weights[name]
                 drop = prune_mask(wanda_scores(dense, hessian.diagonal()), 0.5, pattern, per_row=True)
                 plain = apply_mask(dense, drop)
-                base = relative_error(dense, plain, held_out), relative_error(dense, plain, hessian)
+                base = layer_error(dense, plain, held_out), layer_error(dense, plain, hessian)
                 damping = DAMP * float(hessian.diagonal().mean())
-                for kind, fraction, power_steps in FITS:
+                for label, kind, fraction, power_steps in FITS:
                     fit_h = (
-                        hessian
-                        if not fraction
-                        else low_rank(hessian, hessian.shape[0] // fraction, kind, power_steps)
+                        low_rank(hessian, hessian.shape[0] // fraction, kind, power_steps)
+                        if fraction
+                        else hessian
                     )
                     fitted = reconstruct_masked(dense, plain, fit_h, damping, STEPS, drop=drop, shrink=SHRINK)
-                    label = (
-                        "full"
-                        if not fraction
-                        else f"{kind}{power_steps if kind == 'sketch' else ''} r=K/{fraction}"
-                    )
+                    errors = layer_error(dense, fitted, held_out), layer_error(dense, fitted, hessian)
                     key = f"{calibration}->{other} {pattern} {label}"
-                    errors = relative_error(dense, fitted, held_out), relative_error(dense, fitted, hessian)
                     ratios.setdefault(key, []).append((errors[0] / base[0], errors[1] / base[1]))
     summary = {
         key: {
